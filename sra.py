@@ -797,11 +797,15 @@ def find_resume_checkpoint(run_dir, log):
     return None, None
 
 
-def prune_checkpoints(run_dir, keep_last, keep_every):
-    """Delete all but the newest `keep_last` step checkpoints, sparing multiples of `keep_every`."""
-    for path in list_checkpoints(run_dir)[keep_last:]:
-        step = int(os.path.basename(path)[:-3])
-        if not (keep_every and step % keep_every == 0):
+def prune_checkpoints(run_dir, keep_last, keep_every, current=None):
+    """Delete all but the newest `keep_last` step checkpoints, sparing multiples of `keep_every`.
+
+    Only checkpoints up to step `current` (the one just written) count: a newer file that --resume auto
+    skipped as unreadable must not push the fresh, good one out."""
+    steps = {path: int(os.path.basename(path)[:-3]) for path in list_checkpoints(run_dir)}
+    older = [path for path, step in steps.items() if current is None or step <= current]  # newest first
+    for path in older[keep_last:]:
+        if not (keep_every and steps[path] % keep_every == 0):
             os.remove(path)
 
 
@@ -855,6 +859,42 @@ def save_training_grid(ema, args, step, device, run_dir, log):
     path = os.path.join(run_dir, "samples", f"{step:07d}.png")
     save_image_grid(to_images(x, vae), path, nrow=classes)
     log(f"saved sample grid {path}")
+
+
+def train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, generator, autocast, weight, sums,
+               nan=False):
+    """One optimizer step over --gradient-accumulation-steps micro-batches, then the EMA update.
+
+    Adds (denoise, align, cos, grad norm, non-finite) to the device tensor `sums`; returns the epoch of the
+    last batch and whether an fp16 overflow skipped the step."""
+    ddp, device = isinstance(model, torch.nn.parallel.DistributedDataParallel), sums.device
+    accum = args.gradient_accumulation_steps
+    for micro in range(accum):
+        epoch, (x, y) = next(data)
+        x = prepare_batch(x.to(device, non_blocking=True), args.dataset, generator)
+        y = y.to(device, non_blocking=True)
+        with (model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()):  # one grad sync a step
+            with autocast:
+                denoise, align, cos = training_losses(model, ema, x, y, args, diffusion, generator)
+                loss = (denoise + weight * align) / accum  # Eq. 6: L = L_denoise + lambda * L_align
+            if nan:  # test hook (--fault-nan-at): inject a non-finite loss
+                loss = loss * float("nan")
+            scaler.scale(loss).backward()
+        sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    sums[3:] += torch.stack([grad_norm, (~torch.isfinite(loss.detach())).float()])
+    skipped = False
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped = scaler.get_scale() < scale  # fp16 overflow: the step was skipped, not a crash
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    update_ema(*ema_pairs, args.ema_decay)
+    return epoch, skipped
 
 
 def main(args):
@@ -966,7 +1006,7 @@ def main(args):
                          "scaler": scaler.state_dict(), "args": vars(args), "step": step, "epoch": epoch,
                          "rng": states}, path)
             if args.keep_last:
-                prune_checkpoints(run_dir, args.keep_last, args.keep_every)
+                prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
             last_ckpt = path
             log(f"saved checkpoint {path}")
 
@@ -979,31 +1019,9 @@ def main(args):
         f"{args.batch_size * world_size * args.gradient_accumulation_steps})")
     while step < total_steps:
         weight = align_weight(step, args.align_weight, args.align_decay_start, args.align_decay_steps)
-        for micro in range(args.gradient_accumulation_steps):
-            epoch, (x, y) = next(data)
-            x = prepare_batch(x.to(device, non_blocking=True), args.dataset, generator)
-            y = y.to(device, non_blocking=True)
-            last = micro == args.gradient_accumulation_steps - 1
-            with (model.no_sync() if ddp and not last else contextlib.nullcontext()):  # sync grads once per step
-                with autocast:
-                    denoise, align, cos = training_losses(model, ema, x, y, args, diffusion, generator)
-                    loss = (denoise + weight * align) / args.gradient_accumulation_steps
-                if args.fault_nan_at == step + 1:  # test hook: inject a non-finite loss
-                    loss = loss * float("nan")
-                scaler.scale(loss).backward()
-            sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / args.gradient_accumulation_steps
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        sums[3:] += torch.stack([grad_norm, (~torch.isfinite(loss.detach())).float()])
-        if scaler.is_enabled():
-            scale = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            skipped += scaler.get_scale() < scale  # fp16 overflow: the step was skipped, not a crash
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema_params, model_params, args.ema_decay)
+        epoch, skipped_now = train_step(model, ema, opt, scaler, (ema_params, model_params), data, args, diffusion,
+                                        generator, autocast, weight, sums, nan=args.fault_nan_at == step + 1)
+        skipped += skipped_now
         step += 1
 
         stopping = stop["signal"] is not None and not ddp

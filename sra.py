@@ -1065,6 +1065,110 @@ def main(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Benchmark (--bench): step time, throughput, MFU and the SRA overhead, on synthetic batches
+
+PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense bf16/fp16 tensor-core peaks (SXM parts)
+
+
+def forward_flops(model, depth=None):
+    """FLOPs of one image's forward through `depth` blocks (default: all, plus the final layer), 2 per MAC.
+
+    Per block: qkv, proj and MLP matmuls 24*T*D^2, attention scores and mixing 4*T^2*D, adaLN 12*D^2; patch
+    embedding 2*T*p^2*C*D; final layer 2*T*D*p^2*C_out + 4*D^2. (DiT's "118.6 GFLOPs" for DiT-XL/2 counts
+    multiply-adds, half of our figure.)"""
+    T, D, p = (model.input_size // model.patch_size) ** 2, model.hidden_size, model.patch_size
+    flops = (depth or model.depth) * (24 * T * D * D + 4 * T * T * D + 12 * D * D) + 2 * T * p * p * model.in_channels * D
+    return flops + (2 * T * D * p * p * model.out_channels + 4 * D * D if depth is None else 0)
+
+
+def train_flops(model, args):
+    """Per image: forward + backward (3 forwards) + projector (3 x 8*T*D^2) + the teacher's partial forward."""
+    flops = 3 * forward_flops(model)
+    if not args.no_sra:
+        T = (model.input_size // model.patch_size) ** 2
+        flops += 3 * 8 * T * model.hidden_size ** 2 + forward_flops(model, args.block_out_t)
+    return flops
+
+
+def median_time(fn, repeats, warmup, device):
+    """Wall-clock seconds of fn() after `warmup` calls: (median, min, max)."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times = sorted(times[warmup:])
+    return times[len(times) // 2], times[0], times[-1]
+
+
+def bench(args):
+    """Time the SRA and the vanilla training step (and optionally the sampler); one JSON line each."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    C, H, W = args.bench_shape or (4, (args.resolution or 256) // 8, (args.resolution or 256) // 8)
+    if H != W:
+        raise UserError("--bench-shape needs square inputs (C H H)")
+    args.dataset, args.num_classes, B = "bench", 1000, args.batch_size
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    data = itertools.repeat((0, (torch.randn(B, C, H, W), torch.randint(0, 1000, (B,)))))
+    steps = args.bench_steps or (20 if device.type == "cuda" else 3)
+    results = {}
+    for no_sra in (True, False):
+        args.no_sra = no_sra
+        torch.manual_seed(0)
+        net_args = dict(input_size=H, in_channels=C, num_classes=1000, learn_sigma=args.learn_sigma)
+        model = MODELS[args.model](**net_args, projector=not no_sra).to(device)
+        model.grad_checkpointing = args.grad_checkpointing
+        ema = MODELS[args.model](**net_args).to(device).requires_grad_(False).eval()
+        pairs = ([p for p in ema.parameters()], [model.get_parameter(n) for n, _ in ema.named_parameters()])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+        net = torch.compile(model) if args.compile else model
+        diffusion = GaussianDiffusion.linear() if args.family == "DiT" else None
+        sums, generator = torch.zeros(5, device=device), torch.Generator(device).manual_seed(0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        med, low, high = median_time(lambda: train_step(net, ema, opt, scaler, pairs, data, args, diffusion, generator,
+                                                        autocast, args.align_weight, sums), steps, 2, device)
+        flops = train_flops(model, args)
+        r = dict(model=args.model, sra=not no_sra, batch=B, shape=[C, H, W], dtype=args.mixed_precision,
+                 device=name, compile=args.compile, grad_checkpointing=args.grad_checkpointing,
+                 step_s_median=med, step_s_min=low, step_s_max=high, img_per_s=B / med,
+                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+                 flops_per_img=flops, tflops=flops * B / med / 1e12,
+                 mfu=flops * B / med / 1e12 / peak if peak else None)
+        if not no_sra:  # where the SRA step's time goes: teacher forward, EMA update, optimizer step
+            x, t, y = torch.randn(B, C, H, W, device=device), torch.rand(B, device=device), torch.zeros(B, device=device).long()
+
+            def teacher():
+                with torch.no_grad(), autocast:
+                    ema.forward_features(x, t, y, args.block_out_t)
+            for part, fn in (("teacher", teacher), ("ema", lambda: update_ema(*pairs, args.ema_decay)),
+                             ("optimizer", opt.step)):
+                r[f"{part}_frac"] = median_time(fn, steps, 1, device)[0] / med
+            r["sra_overhead_ratio"] = med / results[True]["step_s_median"]
+            r["flop_ratio"] = flops / results[True]["flops_per_img"]
+        results[no_sra] = r
+        print(json.dumps(r), flush=True)
+    if args.bench_sample:
+        import sample
+        y = torch.arange(B, device=device) % 1000
+        mode = "ddpm" if args.family == "DiT" else "sde"
+        med, _, _ = median_time(lambda: sample.generate(ema, torch.randn(B, C, H, W, device=device), y, mode=mode,
+                                                        num_steps=args.bench_sample, cfg_scale=1.8,
+                                                        guidance_high=0.7), 1, 0, device)
+        print(json.dumps(dict(model=args.model, sampler=mode, num_steps=args.bench_sample, cfg_scale=1.8,
+                              batch=B, device=name, seconds=med, img_per_s=B / med)), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line (flags of the official train.py are accepted unchanged)
 
 def parse_args(argv=None):
@@ -1132,6 +1236,14 @@ def parse_args(argv=None):
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest K step checkpoints (0 = all)")
     p.add_argument("--keep-every", type=int, default=0, help="never delete checkpoints at multiples of this step")
     p.add_argument("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
+    # benchmark
+    p.add_argument("--bench", action="store_true", help="time SRA and vanilla steps on synthetic data, print JSON")
+    p.add_argument("--bench-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input shape for --bench (default: 4 x resolution/8 x resolution/8)")
+    p.add_argument("--bench-steps", type=int, default=0, help="timed steps (default 20 on GPU, 3 on CPU)")
+    p.add_argument("--bench-sample", type=int, default=0, metavar="STEPS",
+                   help="also time SDE sampling with CFG 1.8 for this many steps (the paper: 250)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--fault-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # test hook
     args = p.parse_args(argv)
 
@@ -1172,7 +1284,8 @@ def error_line(e):
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        args = parse_args()
+        bench(args) if args.bench else main(args)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)

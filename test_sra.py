@@ -503,3 +503,50 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):
     r = run(*train_args(tmp_path, "--max-train-steps", "10", "--checkpoint-steps", "2", "--fault-nan-at", "5"))
     assert r.returncode == 2 and "non-finite loss" in r.stderr and "0000004.pt" in r.stderr
     assert not (tmp_path / "run" / "checkpoints" / "0000006.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed paths and the benchmark
+
+def test_flop_formula_matches_the_dit_paper():
+    with torch.device("meta"):
+        model = sra.MODELS["DiT-XL/2"](input_size=32, in_channels=4, num_classes=1000)
+    assert sra.forward_flops(model) / 2 == pytest.approx(118.64e9, rel=0.01)  # the paper counts multiply-adds
+    args = sra.parse_args(["--model", "SiT-XL/2"])
+    with torch.device("meta"):
+        sit = sra.MODELS["SiT-XL/2"](input_size=32, in_channels=4, num_classes=1000, projector=True)
+    ratio = sra.train_flops(sit, args) / (3 * sra.forward_flops(sit))
+    assert 1.22 < ratio < 1.26  # SRA's FLOP floor for SiT-XL/2: teacher 20 of 28 blocks (SPEC §8)
+
+
+def test_bench_prints_json_with_every_field():
+    r = run("sra.py", "--bench", "--model", "SiT-T/8", "--bench-shape", "3", "16", "16", "--batch-size", "2",
+            "--bench-steps", "1", "--bench-sample", "2")
+    assert r.returncode == 0, r.stderr
+    vanilla, with_sra, sampler = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    fields = {"model", "batch", "dtype", "device", "step_s_median", "step_s_min", "step_s_max", "img_per_s",
+              "peak_mem_gb", "flops_per_img", "tflops", "mfu"}
+    assert fields <= vanilla.keys() and not vanilla["sra"] and with_sra["sra"]
+    assert fields | {"sra_overhead_ratio", "teacher_frac", "ema_frac", "optimizer_frac"} <= with_sra.keys()
+    assert with_sra["flops_per_img"] > vanilla["flops_per_img"] > 0 and with_sra["sra_overhead_ratio"] > 0
+    assert sampler["num_steps"] == 2 and sampler["img_per_s"] > 0
+
+
+def test_compiled_model_state_dict_has_plain_names():
+    model = tiny(projector=True)
+    compiled = torch.compile(model)
+    assert "_orig_mod.pos_embed" in compiled.state_dict()
+    assert list(sra.unwrap(compiled).state_dict()) == list(model.state_dict())  # what checkpoints store
+    tiny(projector=True).load_state_dict(sra.unwrap(compiled).state_dict())
+
+
+def test_bf16_and_fp32_losses_agree():
+    torch.manual_seed(0)
+    model, ema = randomize(tiny(projector=True)), randomize(tiny(), seed=1)
+    x, y, args = torch.randn(16, 3, 8, 8), torch.arange(16) % 4, sra_args(block_out_s=1, block_out_t=3)
+    losses = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            denoise, align, _ = sra.training_losses(model, ema, x, y, args, None, torch.Generator().manual_seed(0))
+        losses.append((denoise.item(), align.item()))
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)

@@ -26,9 +26,7 @@ Notable choices
 """
 import argparse
 import contextlib
-import copy
 import glob
-import io
 import itertools
 import json
 import math
@@ -793,7 +791,8 @@ def find_resume_checkpoint(run_dir, log):
         try:
             return path, load_checkpoint(path)
         except UserError as e:
-            log(f"warning: {e}; falling back to the previous checkpoint")
+            log(f"warning: {e}; trying an older checkpoint")
+    log(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
     return None, None
 
 
@@ -897,14 +896,28 @@ def train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, genera
     return epoch, skipped
 
 
+def build(args, device):
+    """The model (with the projector unless --no-sra), its EMA teacher, AdamW and the fp16 loss scaler."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    net_args = dict(input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes,
+                    class_dropout_prob=args.cfg_prob, learn_sigma=args.learn_sigma)
+    model = MODELS[args.model](**net_args, projector=not args.no_sra).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    ema = MODELS[args.model](**net_args).to(device).requires_grad_(False).eval()  # backbone only, no projector
+    ema.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ap_head.")})  # a copy
+    pairs = (list(ema.parameters()), [model.get_parameter(name) for name, _ in ema.named_parameters()])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                            eps=args.adam_epsilon, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    return model, ema, pairs, opt, scaler
+
+
 def main(args):
     """Train a DiT/SiT with SRA (or vanilla with --no-sra); rank 0 logs, samples and checkpoints."""
     ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     dataset = build_dataset(args)
-    net_args = dict(input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes,
-                    class_dropout_prob=args.cfg_prob, learn_sigma=args.learn_sigma)
-
     run_dir = os.path.join(args.output_dir, args.exp_name)
     if rank == 0:
         for sub in ("checkpoints", "samples"):
@@ -912,152 +925,122 @@ def main(args):
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     log = Logger(run_dir, rank == 0)
-    log(f"{args.model} on {args.dataset} data ({len(dataset)} items, {args.num_classes} classes, "
-        f"{args.in_channels}x{args.input_size}x{args.input_size}), {world_size} process(es) on {device}, "
-        + ("vanilla (--no-sra)" if args.no_sra else f"SRA blocks {args.block_out_s}->{args.block_out_t}, "
-           f"t_max {args.t_max}, {args.loss_type} x {args.align_weight}"))
-
-    # Model, EMA teacher, optimizer. The same seed on every rank gives the same initial weights.
-    torch.manual_seed(args.seed)
-    model = MODELS[args.model](**net_args, projector=not args.no_sra).to(device)
-    model.grad_checkpointing = args.grad_checkpointing
-    ema = MODELS[args.model](**net_args).to(device)  # backbone only: the projector is never averaged
-    ema.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ap_head.")})
-    ema.requires_grad_(False).eval()  # an exact copy at step 0, then only update_ema changes it
-    ema_params = [p for _, p in ema.named_parameters()]
-    model_params = [model.get_parameter(name) for name, _ in ema.named_parameters()]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                            eps=args.adam_epsilon, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    model, ema, ema_pairs, opt, scaler = build(args, device)
+    log(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters) on {args.dataset} "
+        f"data ({len(dataset)} items, {args.num_classes} classes, {args.in_channels}x{args.input_size}x"
+        f"{args.input_size}), {world_size} process(es) on {device}, " + ("vanilla (--no-sra)" if args.no_sra else
+        f"SRA blocks {args.block_out_s}->{args.block_out_t}, t_max {args.t_max}, {args.loss_type} x {args.align_weight}"))
     # Training randomness (noise, times, label dropout, flips, latent sampling) comes from one generator
     # per rank, seeded seed * world_size + rank, and is checkpointed: a resumed run draws the same numbers.
     generator = torch.Generator(device).manual_seed(args.seed * world_size + rank)
-    log(f"parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained"
-        f" (projector {0 if args.no_sra else sum(p.numel() for p in model.ap_head.parameters()) / 1e6:.2f}M)")
 
-    step, last_ckpt = 0, None
-    resume = args.resume
-    if resume == "auto":
-        resume, ckpt = find_resume_checkpoint(run_dir, log)
-        if resume is None:
-            log("--resume auto: no checkpoint in the run folder yet, starting from scratch")
-    elif resume:
-        ckpt = load_checkpoint(resume)
-    if resume:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, last_ckpt = ckpt["step"], resume
-        rng = ckpt["rng"]
-        if len(rng) == world_size:
-            generator.set_state(rng[rank])
-        else:  # a different process count cannot replay the old streams: start fresh, distinct ones
+    step, last_ckpt, ckpt = 0, None, None
+    if args.resume == "auto":
+        last_ckpt, ckpt = find_resume_checkpoint(run_dir, log)
+    elif args.resume:
+        last_ckpt, ckpt = args.resume, load_checkpoint(args.resume)
+    if ckpt is not None:
+        try:
+            for part, state in ((model, ckpt["model"]), (ema, ckpt["ema"]), (opt, ckpt["opt"]),
+                                (scaler, ckpt["scaler"])):
+                part.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{last_ckpt} does not fit {args.model} with these flags: {str(e).splitlines()[0]}")
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == world_size:
+            generator.set_state(ckpt["rng"][rank])
+        else:  # another process count cannot replay the old streams: fresh, distinct ones
             generator.manual_seed((args.seed * world_size + rank) * 1_000_003 + step)
-        log(f"resumed from {resume} at step {step}")
+        log(f"resumed from {last_ckpt} at step {step}")
 
-    # Data: each rank reads its own shard; an epoch is a full pass of the shuffled dataset.
+    # Data: each rank reads its own shard of a shuffled order that depends only on (seed, epoch).
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
                                drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, drop_last=True)
-    micro_per_epoch = len(loader)
-    if micro_per_epoch < args.gradient_accumulation_steps:
-        raise UserError(f"{len(dataset)} items give fewer than one step of {args.batch_size} x {world_size} "
-                        f"x {args.gradient_accumulation_steps}: lower --batch-size")
-    steps_per_epoch = micro_per_epoch // args.gradient_accumulation_steps
-    total_steps = min(args.max_train_steps or math.inf, args.epochs * steps_per_epoch)
+    micro_per_epoch, accum = len(loader), args.gradient_accumulation_steps
+    if micro_per_epoch < accum:
+        raise UserError(f"{len(dataset)} items make less than one step of {args.batch_size} x {world_size} "
+                        f"x {accum}: lower --batch-size")
+    total_steps = min(args.max_train_steps or math.inf, args.epochs * (micro_per_epoch // accum))
 
-    def batches():
-        """(epoch, batch) forever, starting at the resume position: epoch and offset follow from `step`."""
-        micro = step * args.gradient_accumulation_steps
-        epoch, skip = divmod(micro, micro_per_epoch)
+    def batches(epoch, skip):
+        """(epoch, batch) forever from the resume position: `skip` micro-batches into `epoch`."""
         while True:
             sampler.set_epoch(epoch)
             sampler.skip = skip * args.batch_size
-            for batch in loader:
-                yield epoch, batch
+            yield from ((epoch, batch) for batch in loader)
             epoch, skip = epoch + 1, 0
 
+    epoch = step * accum // micro_per_epoch
+    data = batches(*divmod(step * accum, micro_per_epoch))
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     model.train()
     diffusion = GaussianDiffusion.linear() if args.family == "DiT" else None
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    stop = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
+    stop = []  # filled by SIGTERM (preemption): checkpoint at the current step, then exit
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append("SIGTERM"))
 
     def checkpoint():
-        """Rank 0 writes a complete checkpoint atomically; every rank's generator state goes in it."""
+        """Rank 0 writes a complete checkpoint atomically, holding every rank's generator state."""
         nonlocal last_ckpt
-        states = [generator.get_state()]
+        states = [generator.get_state()] * world_size
         if ddp:
-            states = [None] * world_size
             dist.all_gather_object(states, generator.get_state())
         if rank == 0:
-            path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+            last_ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
             atomic_save({"model": unwrap(model).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "scaler": scaler.state_dict(), "args": vars(args), "step": step, "epoch": epoch,
-                         "rng": states}, path)
-            if args.keep_last:
+                         "rng": states}, last_ckpt)
+            if args.keep_last:  # only now that the new checkpoint is safely on disk
                 prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
-            last_ckpt = path
-            log(f"saved checkpoint {path}")
+            log(f"saved checkpoint {last_ckpt}")
 
-    # Running sums on the device, read only at log steps (no host-device sync inside a step).
-    sums = torch.zeros(5, device=device)  # denoise, align, cos, grad norm, non-finite count
+    # Running sums stay on the device and are read only at log/checkpoint steps: no sync inside a step.
+    sums = torch.zeros(5, device=device)  # denoise, align, cos, grad norm, non-finite losses
     skipped, timer, logged_step = 0, time.time(), step
-    data = batches()
-    epoch = step * args.gradient_accumulation_steps // micro_per_epoch
-    log(f"training steps {step} -> {total_steps} ({steps_per_epoch} per epoch, global batch "
-        f"{args.batch_size * world_size * args.gradient_accumulation_steps})")
+    log(f"training steps {step} -> {total_steps}, global batch {args.batch_size * world_size * accum}")
     while step < total_steps:
         weight = align_weight(step, args.align_weight, args.align_decay_start, args.align_decay_steps)
-        epoch, skipped_now = train_step(model, ema, opt, scaler, (ema_params, model_params), data, args, diffusion,
-                                        generator, autocast, weight, sums, nan=args.fault_nan_at == step + 1)
-        skipped += skipped_now
-        step += 1
-
-        stopping = stop["signal"] is not None and not ddp
-        if step % args.log_every == 0 or step == total_steps or step % args.checkpoint_steps == 0 or stopping:
+        epoch, skip = train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, generator, autocast,
+                                 weight, sums, nan=args.fault_nan_at == step + 1)
+        skipped, step = skipped + skip, step + 1
+        log_now, save_now = step % args.log_every == 0 or step == total_steps, step % args.checkpoint_steps == 0
+        stopping = bool(stop) and not ddp  # under DDP the ranks agree on stopping at log steps (below)
+        if log_now or save_now or stopping:
             stats = sums.clone()
             if ddp:
                 dist.all_reduce(stats)
                 stats /= world_size
-            if stats[4] > 0:
+            if stats[4] > 0:  # never checkpoint non-finite weights
                 raise UserError(f"non-finite loss by step {step}; stopping. Last good checkpoint: "
                                 f"{last_ckpt or 'none yet'} (resume from it, perhaps with a lower learning rate)")
-        if step % args.log_every == 0 or step == total_steps:
-            n = step - logged_step
-            denoise_m, align_m, cos_m, grad_m = (stats[:4] / n).tolist()
-            elapsed = time.time() - timer
-            rate = n / max(elapsed, 1e-9)
-            images_per_s = rate * args.batch_size * world_size * args.gradient_accumulation_steps
-            log(f"step {step}/{total_steps} | loss {denoise_m + weight * align_m:.4f} | denoise {denoise_m:.4f} "
-                f"| align {align_m:.4f} (cos {cos_m:.3f}) | grad {grad_m:.3f} | {rate:.2f} it/s "
-                f"{images_per_s:.1f} img/s | ETA {format_time((total_steps - step) / rate)}")
-            log.record(dict(step=step, epoch=epoch, gen_loss=denoise_m, align_loss=align_m, align_cos=cos_m,
-                            align_weight=weight, grad_norm=grad_m, lr=opt.param_groups[0]["lr"],
+        if log_now:
+            n, elapsed = step - logged_step, time.time() - timer
+            denoise, align, cos, grad = (stats[:4] / n).tolist()
+            images_per_s = n * args.batch_size * world_size * accum / elapsed
+            log(f"step {step}/{total_steps} | loss {denoise + weight * align:.4f} | denoise {denoise:.4f} | align "
+                f"{align:.4f} (cos {cos:.3f}) | grad {grad:.3f} | {n / elapsed:.2f} it/s {images_per_s:.1f} img/s"
+                f" | ETA {format_time((total_steps - step) * elapsed / n)}")
+            log.record(dict(step=step, epoch=epoch, gen_loss=denoise, align_loss=align, align_cos=cos,
+                            align_weight=weight, grad_norm=grad, lr=opt.param_groups[0]["lr"],
                             img_per_s=images_per_s, skipped_steps=int(skipped)))
             sums.zero_()
             timer, logged_step = time.time(), step
-            if ddp:  # agree on a preemption signal at log steps (every rank must stop at the same step)
-                flag = torch.tensor([stop["signal"] is not None], dtype=torch.float32, device=device)
+            if ddp:  # every rank must stop at the same step
+                flag = torch.tensor([float(bool(stop))], device=device)
                 dist.all_reduce(flag)
                 stopping = flag.item() > 0
-        if step % args.checkpoint_steps == 0 or step == total_steps or stopping:
+        if save_now or step == total_steps or stopping:
             checkpoint()
         if rank == 0 and args.sample_steps and step % args.sample_steps == 0:
             save_training_grid(ema, args, step, device, run_dir, log)
         if stopping:
-            log(f"received {stop['signal'] or 'a stop signal'}: checkpoint {last_ckpt} written at step {step}; "
-                f"continue with --resume auto")
+            log(f"received SIGTERM: checkpoint {last_ckpt} written at step {step}; continue with --resume auto")
             break
     log(f"done: {step} steps, last checkpoint {last_ckpt}")
     if ddp:
@@ -1106,45 +1089,35 @@ def median_time(fn, repeats, warmup, device):
 
 
 def bench(args):
-    """Time the SRA and the vanilla training step (and optionally the sampler); one JSON line each."""
+    """Time the vanilla and the SRA training step (and optionally the sampler); print one JSON line each."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     C, H, W = args.bench_shape or (4, (args.resolution or 256) // 8, (args.resolution or 256) // 8)
-    if H != W:
-        raise UserError("--bench-shape needs square inputs (C H H)")
-    args.dataset, args.num_classes, B = "bench", 1000, args.batch_size
+    if H != W or H % int(args.model.split("/")[1]):
+        raise UserError(f"--bench-shape needs square inputs divisible by the patch of {args.model}")
+    args.dataset, args.num_classes, args.in_channels, args.input_size, B = "bench", 1000, C, H, args.batch_size
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     data = itertools.repeat((0, (torch.randn(B, C, H, W), torch.randint(0, 1000, (B,)))))
-    steps = args.bench_steps or (20 if device.type == "cuda" else 3)
-    results = {}
-    for no_sra in (True, False):
-        args.no_sra = no_sra
-        torch.manual_seed(0)
-        net_args = dict(input_size=H, in_channels=C, num_classes=1000, learn_sigma=args.learn_sigma)
-        model = MODELS[args.model](**net_args, projector=not no_sra).to(device)
-        model.grad_checkpointing = args.grad_checkpointing
-        ema = MODELS[args.model](**net_args).to(device).requires_grad_(False).eval()
-        pairs = ([p for p in ema.parameters()], [model.get_parameter(n) for n, _ in ema.named_parameters()])
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    steps, vanilla = args.bench_steps or (20 if device.type == "cuda" else 3), None
+    diffusion = GaussianDiffusion.linear() if args.family == "DiT" else None
+    for args.no_sra in (True, False):
+        model, ema, pairs, opt, scaler = build(args, device)
         net = torch.compile(model) if args.compile else model
-        diffusion = GaussianDiffusion.linear() if args.family == "DiT" else None
         sums, generator = torch.zeros(5, device=device), torch.Generator(device).manual_seed(0)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         med, low, high = median_time(lambda: train_step(net, ema, opt, scaler, pairs, data, args, diffusion, generator,
                                                         autocast, args.align_weight, sums), steps, 2, device)
         flops = train_flops(model, args)
-        r = dict(model=args.model, sra=not no_sra, batch=B, shape=[C, H, W], dtype=args.mixed_precision,
+        r = dict(model=args.model, sra=not args.no_sra, batch=B, shape=[C, H, W], dtype=args.mixed_precision,
                  device=name, compile=args.compile, grad_checkpointing=args.grad_checkpointing,
                  step_s_median=med, step_s_min=low, step_s_max=high, img_per_s=B / med,
                  peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-                 flops_per_img=flops, tflops=flops * B / med / 1e12,
-                 mfu=flops * B / med / 1e12 / peak if peak else None)
-        if not no_sra:  # where the SRA step's time goes: teacher forward, EMA update, optimizer step
+                 flops_per_img=flops, tflops=flops * B / med / 1e12, mfu=flops * B / med / 1e12 / peak if peak else None)
+        if not args.no_sra:  # where the SRA step's time goes: teacher forward, EMA update, optimizer step
             x, t, y = torch.randn(B, C, H, W, device=device), torch.rand(B, device=device), torch.zeros(B, device=device).long()
 
             def teacher():
@@ -1153,19 +1126,16 @@ def bench(args):
             for part, fn in (("teacher", teacher), ("ema", lambda: update_ema(*pairs, args.ema_decay)),
                              ("optimizer", opt.step)):
                 r[f"{part}_frac"] = median_time(fn, steps, 1, device)[0] / med
-            r["sra_overhead_ratio"] = med / results[True]["step_s_median"]
-            r["flop_ratio"] = flops / results[True]["flops_per_img"]
-        results[no_sra] = r
+            r.update(sra_overhead_ratio=med / vanilla["step_s_median"], flop_ratio=flops / vanilla["flops_per_img"])
+        vanilla = r
         print(json.dumps(r), flush=True)
     if args.bench_sample:
         import sample
-        y = torch.arange(B, device=device) % 1000
-        mode = "ddpm" if args.family == "DiT" else "sde"
-        med, _, _ = median_time(lambda: sample.generate(ema, torch.randn(B, C, H, W, device=device), y, mode=mode,
-                                                        num_steps=args.bench_sample, cfg_scale=1.8,
-                                                        guidance_high=0.7), 1, 0, device)
-        print(json.dumps(dict(model=args.model, sampler=mode, num_steps=args.bench_sample, cfg_scale=1.8,
-                              batch=B, device=name, seconds=med, img_per_s=B / med)), flush=True)
+        mode, z, y = "ddpm" if args.family == "DiT" else "sde", torch.randn(B, C, H, W, device=device), torch.arange(B, device=device) % 1000
+        med = median_time(lambda: sample.generate(ema, z, y, mode=mode, num_steps=args.bench_sample, cfg_scale=1.8,
+                                                  guidance_high=0.7), 1, 0, device)[0]
+        print(json.dumps(dict(model=args.model, sampler=mode, num_steps=args.bench_sample, cfg_scale=1.8, batch=B,
+                              device=name, seconds=med, img_per_s=B / med)), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1184,9 +1154,6 @@ def parse_args(argv=None):
                    help="predict the variance too (default: on for DiT, off for SiT)")
     p.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability (for CFG)")
     p.add_argument("--num-classes", type=int, default=None, help="default: inferred from the data")
-    p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True,
-                   help="accepted for compatibility: attention is always scaled_dot_product_attention")
-    p.add_argument("--qk-norm", action="store_true", help="accepted for compatibility; not supported")
     # SRA
     p.add_argument("--no-sra", action="store_true", help="vanilla baseline: no teacher, no projector")
     p.add_argument("--block-out-s", type=int, default=None, help="student block, 1-based (default: paper's)")
@@ -1226,7 +1193,6 @@ def parse_args(argv=None):
     # run, logging, checkpoints
     p.add_argument("--output-dir", default="exps")
     p.add_argument("--exp-name", default=None, help="run folder name (default: from the model name)")
-    p.add_argument("--logging-dir", default="logs", help="accepted for compatibility; logs go to the run folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines / metrics")
     p.add_argument("--checkpoint-steps", type=int, default=50_000)
@@ -1249,8 +1215,6 @@ def parse_args(argv=None):
 
     if args.model not in MODELS:
         raise UserError(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
-    if args.qk_norm:
-        raise UserError("--qk-norm is not supported (the paper's models do not use it)")
     args.family = args.model.split("-")[0]
     args.path_type = "cosine" if args.path_type == "cos" else args.path_type
     if args.learn_sigma is None:

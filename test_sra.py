@@ -1,15 +1,22 @@
 """Tests for sra.py and sample.py: CPU only, tiny configs, seeded. Run: python -m pytest -q test_sra.py"""
+import argparse
+import ast
+import glob
 import json
 import math
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+import sample
 import sra
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +41,8 @@ def randomize(model, seed=0):
 
 def run(*argv, timeout=300, **kw):
     """Run a python program of the project in a subprocess."""
-    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)
 
 
 def train_args(tmp_path, *extra):
@@ -499,12 +507,6 @@ def test_image_folder_and_latent_data(tmp_path):
     assert json.loads((tmp_path / "o" / "lat" / "args.json").read_text())["in_channels"] == 4
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):
-    r = run(*train_args(tmp_path, "--max-train-steps", "10", "--checkpoint-steps", "2", "--fault-nan-at", "5"))
-    assert r.returncode == 2 and "non-finite loss" in r.stderr and "0000004.pt" in r.stderr
-    assert not (tmp_path / "run" / "checkpoints" / "0000006.pt").exists()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Speed paths and the benchmark
 
@@ -550,3 +552,941 @@ def test_bf16_and_fp32_losses_agree():
             denoise, align, _ = sra.training_losses(model, ema, x, y, args, None, torch.Generator().manual_seed(0))
         losses.append((denoise.item(), align.item()))
     assert losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+# ====================================================================================================
+# Fault tolerance and hostile input: kills, crashes mid-write, corrupt files, bad data, NaNs, dead ranks
+
+SRA = os.path.join(HERE, "sra.py")
+# A 6-block model on 16 px images, 2 x 2 tokens: ~0.1 s per step on one CPU thread.
+TINY = ["--model", "SiT-T/8", "--resolution", "16", "--batch-size", "2", "--num-workers", "0",
+        "--sample-steps", "0", "--log-every", "1"]
+# One thread per process: the runs of a test compare bit for bit, and the tests share two cores.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+
+def train(tmp_path, *flags, exp="run", timeout=180, base=TINY):
+    """Run sra.py to completion in tmp_path; returns the CompletedProcess (text stdout/stderr)."""
+    cmd = [sys.executable, SRA, *base, "--output-dir", str(tmp_path), "--exp-name", exp, *flags]
+    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def start(tmp_path, *flags, exp="run"):
+    """Start sra.py in the background, output to files (a pipe nobody reads could fill and block it)."""
+    cmd = [sys.executable, SRA, *TINY, "--output-dir", str(tmp_path), "--exp-name", exp, *flags]
+    out = open(tmp_path / f"{exp}.out", "w")
+    return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+
+
+def read(path):
+    """File contents, or '' if it does not exist yet."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def wait_for(condition, what, timeout=120, proc=None):
+    """Poll `condition` every 20 ms; fail if it times out or `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"process exited (status {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def stop(proc):
+    """Kill a process this test started (by its pid) if it is still running, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def ckpt_path(run_dir, step):
+    return os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_identical(a, b, where="checkpoint"):
+    """Every tensor equal bit for bit (torch.equal), every other leaf equal, same structure."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where}: tensors differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_training_state(path_a, path_b):
+    """Model, EMA, optimizer, loss scaler, RNG streams and step agree exactly (args may differ: --resume)."""
+    a, b = load(path_a), load(path_b)
+    for key in ("model", "ema", "opt", "scaler", "rng", "step"):
+        assert_identical(a[key], b[key], key)
+
+
+def one_line_error(proc, *names):
+    """The run failed with exit 2 and exactly one stderr line `error: ...` naming every one of `names`."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, f"exit {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line:\n{proc.stderr[-3000:]}"
+    for name in names:
+        assert str(name) in lines[0], f"{name} not named in: {lines[0]}"
+    return lines[0]
+
+
+STEPS = 10  # length of the reference run
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of STEPS steps with a checkpoint every 2 steps: the run folder."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = train(root, "--max-train-steps", str(STEPS), "--checkpoint-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return os.path.join(root, "run")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Kill and resume
+
+def test_sigkill_then_sigterm_then_resume_auto_is_bit_identical(tmp_path, reference):
+    """A run killed with SIGKILL (after step 3, wherever that lands), resumed, stopped with SIGTERM, resumed
+    again: it ends bit-identical to the uninterrupted reference run. On SIGTERM the trainer finishes the step,
+    writes a checkpoint at that step, says so in log.txt and exits cleanly (status 0)."""
+    run_dir, log_path = tmp_path / "run", tmp_path / "run" / "log.txt"
+    proc = start(tmp_path, "--max-train-steps", "1000", "--checkpoint-steps", "2")
+    try:
+        wait_for(lambda: "step 3/" in read(log_path), "step 3", proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        stop(proc)
+    assert proc.returncode == -signal.SIGKILL and "done:" not in read(log_path)
+    killed_at = max(int(os.path.basename(p)[:-3]) for p in sra.list_checkpoints(run_dir))
+
+    # --checkpoint-steps 1000: the only new checkpoint of this leg is the one SIGTERM writes.
+    proc = start(tmp_path, "--max-train-steps", "1000", "--checkpoint-steps", "1000", "--resume", "auto")
+    resumed = f"resumed from {ckpt_path(run_dir, killed_at)} at step {killed_at}"
+    try:
+        wait_for(lambda: f"step {killed_at + 1}/" in read(log_path).partition(resumed)[2],
+                 "a step after resuming", proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)  # finishes the current step, saves and exits by itself
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
+    path = sra.list_checkpoints(run_dir)[0]
+    step = sra.load_checkpoint(path)["step"]
+    assert path == ckpt_path(run_dir, step) and killed_at < step < STEPS
+    assert f"received SIGTERM: checkpoint {path} written at step {step}" in read(log_path)
+
+    proc = train(tmp_path, "--max-train-steps", str(STEPS), "--checkpoint-steps", "1000", "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {path} at step {step}" in read(log_path)
+    assert_same_training_state(ckpt_path(run_dir, STEPS), ckpt_path(reference, STEPS))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Crash during a checkpoint write, corrupt checkpoints
+
+DIE_MID_WRITE = r"""
+import io, os, signal, sys, torch
+import sra
+real_save = torch.save
+def save_half_then_die(obj, f):  # the kernel kills us half-way through writing the file
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    data = buffer.getvalue()
+    f.write(data[:len(data) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+new = {"model": {"w": torch.ones(100_000)}, "ema": {}, "opt": {}, "step": 9, "args": {}}
+sra.atomic_save(new, sys.argv[1])
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    """A process killed while atomic_save writes leaves the old file intact; the half file is never used."""
+    os.makedirs(tmp_path / "checkpoints")
+    path = ckpt_path(tmp_path, 4)
+    old = {"model": {"w": torch.arange(10.0)}, "ema": {}, "opt": {}, "step": 4, "args": {}}
+    sra.atomic_save(old, path)
+    proc = subprocess.run([sys.executable, "-c", DIE_MID_WRITE, path], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert_identical(sra.load_checkpoint(path), old)  # the previous checkpoint: intact and loadable
+    assert os.path.exists(path + ".tmp"), "the simulated crash did not leave a half-written file"
+    assert sra.list_checkpoints(tmp_path) == [path]
+    messages = []
+    assert sra.find_resume_checkpoint(tmp_path, messages.append)[0] == path
+    assert messages == []
+
+
+def test_resume_auto_falls_back_past_corrupt_checkpoints_and_ignores_tmp(tmp_path, reference):
+    """Truncated and garbage checkpoints are named in the log and skipped, a *.pt.tmp is never a candidate,
+    and --keep-last never deletes the fresh checkpoint in favour of a newer unreadable one."""
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir / "checkpoints")
+    shutil.copy(ckpt_path(reference, 2), ckpt_path(run_dir, 2))
+    with open(ckpt_path(reference, 8), "rb") as src:
+        start_of_file = src.read(1 << 20)
+    for name in ("0000004.pt", "0000008.pt", "0000009.pt.tmp"):  # truncated: a full disk, a killed copy/write
+        (run_dir / "checkpoints" / name).write_bytes(start_of_file)
+    (run_dir / "checkpoints" / "0000003.pt").write_bytes(os.urandom(4096))  # garbage
+
+    proc = train(tmp_path, "--max-train-steps", "6", "--checkpoint-steps", "2", "--keep-last", "1",
+                 "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = read(run_dir / "log.txt")
+    for step in (8, 4, 3):
+        assert f"warning: {ckpt_path(run_dir, step)} is not a loadable checkpoint" in log
+    assert "trying an older checkpoint" in log
+    assert f"resumed from {ckpt_path(run_dir, 2)} at step 2" in log
+    assert ".tmp" not in log
+    assert_same_training_state(ckpt_path(run_dir, 6), ckpt_path(reference, 6))
+    messages = []  # the next --resume auto finds the new checkpoint, past the unreadable 0000008.pt
+    assert sra.find_resume_checkpoint(run_dir, messages.append)[0] == ckpt_path(run_dir, 6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. --keep-last / --keep-every
+
+CHECK_PRUNE_ORDER = r"""
+import glob, os, sys
+import sra
+real_prune, calls = sra.prune_checkpoints, []
+def checked_prune(run_dir, *args, **kwargs):  # called right after checkpoint number len(calls) + 1
+    calls.append(1)
+    newest = sra.list_checkpoints(run_dir)
+    assert newest and newest[0].endswith(f"{len(calls):07d}.pt"), f"pruning before step {len(calls)} is saved"
+    assert sra.load_checkpoint(newest[0])["step"] == len(calls), "the new checkpoint is incomplete"
+    assert not glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp")), "a write is still in progress"
+    return real_prune(run_dir, *args, **kwargs)
+sra.prune_checkpoints = checked_prune
+sra.main(sra.parse_args(sys.argv[1:]))
+assert len(calls) == 5, calls
+"""
+
+
+def test_keep_last_prunes_after_save_and_spares_keep_every(tmp_path):
+    """Pruning runs only once the new checkpoint is complete on disk; milestones survive; K newest kept."""
+    cmd = [sys.executable, "-c", CHECK_PRUNE_ORDER, *TINY, "--output-dir", str(tmp_path), "--exp-name", "run",
+           "--max-train-steps", "5", "--checkpoint-steps", "1", "--keep-last", "1", "--keep-every", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "*")))
+    assert kept == ["0000002.pt", "0000004.pt", "0000005.pt"]  # milestones 2, 4 and the newest, 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Untrusted checkpoints
+
+class Evil:
+    """Unpickling this calls open(marker, 'w'): code execution, harmless but visible."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    """--resume evil.pt: exit 2 with one line naming the file; the pickle's code never ran."""
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": Evil(str(marker)), "ema": {}, "opt": {}, "step": 0, "args": {}}, evil)
+    proc = train(tmp_path, "--max-train-steps", "1", "--resume", str(evil))
+    one_line_error(proc, evil)
+    assert not marker.exists(), "loading the checkpoint executed code from it"
+    torch.load(evil, weights_only=False)["model"].close()  # the control: an unsafe load runs the payload
+    assert marker.exists()
+
+
+def torch_load_calls(path):
+    """(line, weights_only value or None) for each torch.load(...) call in a source file."""
+    calls = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+            flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+            calls.append((node.lineno, flag.value if isinstance(flag, ast.Constant) else flag))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["sra.py", "sample.py"])
+def test_every_torch_load_is_weights_only(name):
+    """Every torch.load in sra.py and sample.py passes weights_only=True; no pickle or np allow_pickle."""
+    path = os.path.join(HERE, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{name} does not exist yet")
+    calls = torch_load_calls(path)
+    assert calls, f"no torch.load found in {name}: has the loading moved?"
+    assert all(flag is True for _, flag in calls), f"torch.load without weights_only=True in {name}: {calls}"
+    source = open(path).read()
+    assert "pickle.load" not in source and "allow_pickle=True" not in source
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Bad data: one line naming the file, exit 2, at start-up or first touch
+
+def image_folder(root, classes=("a", "b"), per_class=2):
+    """root/<class>/<i>.png with small valid images."""
+    from PIL import Image
+    for c in classes:
+        os.makedirs(root / c)
+        for i in range(per_class):
+            Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def latent_folder(root, shape=(8, 4, 4), count=4):
+    """root/vae-sd/dataset.json + count .npy moment files (resolution 32 -> 4 x 4 latents)."""
+    os.makedirs(root / "vae-sd" / "0")
+    labels = []
+    for i in range(count):
+        moments = np.random.default_rng(i).standard_normal(shape, np.float32)
+        np.save(root / "vae-sd" / "0" / f"{i}.npy", moments)
+        labels.append([f"0/{i}.npy", i % 2])
+    with open(root / "vae-sd" / "dataset.json", "w") as f:
+        json.dump({"labels": labels}, f)
+    return root
+
+
+LATENT = ["--model", "SiT-T/4", "--resolution", "32", "--batch-size", "2", "--sample-steps", "0",
+          "--log-every", "1"]
+IMAGES = ["--model", "SiT-T/8", "--resolution", "16", "--batch-size", "2", "--sample-steps", "0",
+          "--log-every", "1"]
+
+
+def test_corrupt_image_in_a_worker_is_one_line_naming_it(tmp_path):
+    """A corrupt image fails where it is read, inside a DataLoader worker (--num-workers 2): one line, exit 2.
+
+    (The main-process path, --num-workers 0, is the same DataError: the latent tests below take it.)"""
+    data = image_folder(tmp_path / "data")
+    bad = data / "b" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    proc = train(tmp_path, "--data-dir", str(data), "--num-workers", "2", "--max-train-steps", "20",
+                 base=IMAGES, timeout=120)
+    one_line_error(proc, bad)
+
+
+def test_empty_class_folder_is_one_line_naming_it(tmp_path):
+    data = image_folder(tmp_path / "data")
+    os.makedirs(data / "c")
+    proc = train(tmp_path, "--data-dir", str(data), "--num-workers", "0", "--max-train-steps", "2",
+                 base=IMAGES, timeout=120)
+    one_line_error(proc, data / "c")
+
+
+@pytest.mark.parametrize("fault", ["truncated", "wrong-shape", "missing"])
+def test_bad_latent_is_one_line_naming_it(tmp_path, fault):
+    """Truncated .npy, wrong-shaped .npy, dataset.json listing a missing file: one line, exit 2."""
+    data = latent_folder(tmp_path / "data")
+    bad = data / "vae-sd" / "0" / "2.npy"
+    if fault == "truncated":
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif fault == "wrong-shape":
+        np.save(bad, np.zeros((8, 8, 8), np.float32))  # a 64 px latent in a 32 px dataset
+    else:
+        bad.unlink()
+    proc = train(tmp_path, "--data-dir", str(data), "--num-workers", "0", "--max-train-steps", "20",
+                 base=LATENT, timeout=120)
+    one_line_error(proc, bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Numerical faults
+
+def test_nan_loss_stops_and_names_last_good_checkpoint(tmp_path):
+    """NaN at step 3: exit 2, the message names checkpoint 2, and no NaN model is ever checkpointed."""
+    proc = train(tmp_path, "--max-train-steps", "10", "--checkpoint-steps", "2", "--log-every", "100",
+                 "--fault-nan-at", "3")
+    line = one_line_error(proc, ckpt_path(tmp_path / "run", 2))
+    assert "non-finite loss" in line
+    assert sra.list_checkpoints(tmp_path / "run") == [ckpt_path(tmp_path / "run", 2)]  # step 4 never saved
+
+
+FP16_OVERFLOW = r"""
+import sys, torch
+import sra
+class HugeScaler(torch.amp.GradScaler):  # starts at 2^24, so the first fp16 backwards overflow
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "init_scale": 2.0 ** 24})
+torch.amp.GradScaler = HugeScaler
+sra.main(sra.parse_args(sys.argv[1:]))
+"""
+
+
+def test_fp16_overflow_is_a_counted_skipped_step(tmp_path):
+    """fp16 loss-scaler overflows skip the step, are counted in metrics.jsonl, and the run goes on."""
+    cmd = [sys.executable, "-c", FP16_OVERFLOW, *TINY, "--output-dir", str(tmp_path), "--exp-name", "run",
+           "--mixed-precision", "fp16", "--max-train-steps", "8", "--checkpoint-steps", "1000"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in read(tmp_path / "run" / "metrics.jsonl").splitlines()]
+    ckpt = sra.load_checkpoint(ckpt_path(tmp_path / "run", 8))
+    halvings = round(np.log2(2.0 ** 24 / ckpt["scaler"]["scale"]))  # each overflow halves the scale
+    assert 0 < halvings < 8 and metrics[-1]["skipped_steps"] == halvings  # some steps skipped, some taken
+    assert metrics[-1]["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert metrics[0]["skipped_steps"] == 1  # the counter moves at the step that overflowed
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Distributed faults: a dead or hung rank ends the run within a bounded time
+
+def children(pid):
+    """Pids whose parent is `pid` (from /proc, no psutil)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def alive(pid):
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+DDP_FLAGS = [*TINY, "--max-train-steps", "1000", "--checkpoint-steps", "1000"]
+
+
+def test_torchrun_worker_death_ends_the_run(tmp_path):
+    """torchrun, 2 gloo ranks, SIGKILL one mid-training: everything exits non-zero within 25 s.
+
+    25 s is below torchrun's 30 s grace between its SIGTERM and SIGKILL to the survivor: the surviving
+    trainer must leave by itself (its collective fails), not hang until the launcher kills it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SRA,
+           *DDP_FLAGS, "--output-dir", str(tmp_path), "--exp-name", "run"]
+    out = open(tmp_path / "torchrun.out", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    workers = []
+    try:
+        wait_for(lambda: "step 3/" in read(tmp_path / "run" / "log.txt"), "step 3", proc=proc)
+        workers = children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(max(workers), signal.SIGKILL)
+        start_time = time.monotonic()
+        proc.wait(timeout=25)
+        assert time.monotonic() - start_time < 25
+        wait_for(lambda: not any(alive(w) for w in workers), "the surviving worker to exit", timeout=10)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        stop(proc)
+    assert proc.returncode != 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_surviving_rank_fails_within_dist_timeout_when_its_peer_hangs(tmp_path):
+    """Rank 1 hangs mid-training (SIGSTOP) and no launcher steps in (as with a peer on another node):
+    rank 0 must fail after --dist-timeout (5 s here), not wait in a collective for the default 30 minutes.
+    (A dead peer, as opposed to a hung one, closes its sockets and gloo fails at once.)"""
+    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               LOCAL_WORLD_SIZE="2")
+    cmd = [sys.executable, SRA, *DDP_FLAGS, "--output-dir", str(tmp_path), "--exp-name", "run",
+           "--dist-timeout", "5"]
+    ranks = [subprocess.Popen(cmd, cwd=tmp_path, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=open(tmp_path / f"rank{r}.out", "w"), stderr=subprocess.STDOUT)
+             for r in range(2)]
+    try:
+        wait_for(lambda: "step 3/" in read(tmp_path / "run" / "log.txt"), "step 3", proc=ranks[0])
+        ranks[1].send_signal(signal.SIGSTOP)
+        start_time = time.monotonic()
+        ranks[0].wait(timeout=30)
+        elapsed = time.monotonic() - start_time
+    finally:
+        for proc in ranks:
+            stop(proc)
+    assert ranks[0].returncode not in (0, None)
+    assert elapsed < 30, read(tmp_path / "rank0.out")[-2000:]
+
+
+# ====================================================================================================
+# sample.py: samplers on closed-form toys, CFG, checkpoint layouts, .npz, determinism, resume, errors
+
+M, S = 0.3, 0.5  # toy data: every coordinate ~ N(M, S^2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: tiny tensors run faster, and a busy CI machine does not make threads spin."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Closed-form toys
+
+def gaussian_velocity(path_type, m=M, s=S):
+    """Exact v(x, t) = E[d_alpha x0 + d_sigma eps | x_t] for x0 ~ N(m, s^2) per coordinate (SRA time)."""
+    def v(x, t):
+        alpha, sigma, d_alpha, d_sigma = (float(a) for a in sra.interpolant(torch.tensor(t, dtype=torch.float64),
+                                                                          path_type))
+        var = alpha ** 2 * s ** 2 + sigma ** 2  # Var(x_t)
+        x0 = m + alpha * s ** 2 * (x - alpha * m) / var  # E[x0 | x_t]
+        eps = sigma * (x - alpha * m) / var  # E[eps | x_t]
+        return d_alpha * x0 + d_sigma * eps
+    return v
+
+
+def gaussian_eps(m=M, s=S, learned_range=None):
+    """Exact DDPM eps-predictor E[eps | x_t] for x0 ~ N(m, s^2); optionally a constant learned-range channel."""
+    abar = sra.GaussianDiffusion.linear().alphas_cumprod
+
+    def eps(x, step):
+        a = abar[step].item()
+        out = (1 - a) ** 0.5 * (x - a ** 0.5 * m) / (a * s ** 2 + 1 - a)
+        return out if learned_range is None else torch.cat([out, torch.full_like(out, learned_range)], dim=1)
+    return eps
+
+
+def moment_error(x):
+    """|mean - M| + |std - S| over all coordinates."""
+    return abs(x.mean().item() - M) + abs(x.std().item() - S)
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_ode_matches_exact_transport(path_type):
+    """Euler/Heun reach x0 = M + S z (the exact ODE map of a Gaussian); Heun beats Euler; errors shrink."""
+    z = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    exact = M + S * z.double()
+    v = gaussian_velocity(path_type)
+    out = {(heun, n): sample.sample_ode(v, z, n, heun=heun) for heun in (False, True) for n in (32, 128)}
+    err = {key: (x - exact).abs().max().item() for key, x in out.items()}
+    for heun in (False, True):
+        assert err[heun, 128] < err[heun, 32] / 3.5
+    assert err[True, 32] < err[False, 32] / 3 and err[True, 128] < err[False, 128] / 10
+    assert err[True, 128] < 1e-3
+    x = out[True, 128]  # mean and std, against those of the exact map of the same z
+    assert abs(x.mean() - exact.mean()) < 1e-4 and abs(x.std() - exact.std()) < 1e-4
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cos"])
+def test_sde_reaches_target_distribution(path_type):
+    """Euler-Maruyama (SPEC §7) reproduces mean and std of the toy, closer with more steps."""
+    z = torch.randn(20_000, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    v = gaussian_velocity(path_type)
+    errs = [moment_error(sample.sample_sde(v, z, n, path_type, torch.Generator().manual_seed(2))) for n in (10, 100)]
+    assert errs[1] < errs[0] and errs[1] < 0.02, errs
+
+
+def test_sde_last_step_is_deterministic():
+    """Only the first N-1 steps draw noise: with one step the sampler is deterministic, with N it draws N-1."""
+    z = torch.randn(8, 1, 2, 2)
+    v = gaussian_velocity("linear")
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample.sample_sde(v, z, 1, generator=g), sample.sample_sde(v, z, 1))
+    state = g.get_state()
+    sample.sample_sde(v, z, 5, generator=g)
+    ref = torch.Generator().set_state(state)
+    for _ in range(4):
+        torch.randn(z.shape, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+@pytest.mark.parametrize("learned_range", [None, 0.0])
+def test_ddpm_reaches_target_distribution(learned_range):
+    """Ancestral DDPM with an exact eps-predictor reproduces the toy; 1000 steps beat 25 respaced ones."""
+    z = torch.randn(5000, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    eps = gaussian_eps(learned_range=learned_range)
+    errs = [moment_error(sample.sample_ddpm(eps, z, n, torch.Generator().manual_seed(4))) for n in (25, 1000)]
+    assert errs[1] < errs[0] and errs[1] < 0.02, errs
+
+
+def test_reversed_sit_convention():
+    """A SiT-repo field (t = 0 noise, t = 1 data, velocity x0 - eps, 2C outputs) samples right once wrapped."""
+    class SiTRepoToy(torch.nn.Module):  # exact E[x0 - eps | x] for x = tau x0 + (1 - tau) eps
+        in_channels, num_classes, input_size = 1, 4, 4
+
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x, tau, y):
+            tau = tau.double().view(-1, 1, 1, 1)
+            var = tau ** 2 * S ** 2 + (1 - tau) ** 2
+            x0, eps = M + tau * S ** 2 * (x - tau * M) / var, (1 - tau) * (x - tau * M) / var
+            return torch.cat([x0 - eps, torch.full_like(x, 7.0)], dim=1)  # junk "sigma" channels
+
+    z = torch.randn(1000, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    x = sample.generate(sample.ReversedSiT(SiTRepoToy()), z, torch.zeros(1000, dtype=torch.long), mode="ode",
+                        num_steps=100, heun=True)
+    assert (x - (M + S * z)).abs().max() < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny networks and checkpoints of every layout
+
+def tiny_named(name="SiT-T/4", seed=0, input_size=8, in_channels=3, num_classes=4, **kw):
+    """A tiny model with random (non-zero) weights, so that sampling depends on every tensor."""
+    torch.manual_seed(seed)
+    net = sra.MODELS[name](input_size=input_size, in_channels=in_channels, num_classes=num_classes, **kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def backbone(state):
+    return {k: v for k, v in state.items() if not k.startswith(("ap_head.", "projectors."))}
+
+
+def ours_args(**kw):
+    args = vars(sra.parse_args(["--model", "SiT-T/4"]))
+    args.update(in_channels=3, input_size=8, num_classes=4, dataset="builtin", resolution=8, **kw)
+    return args
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Checkpoint files of each layout, with the networks they should load into."""
+    d = tmp_path_factory.mktemp("ckpts")
+    raw, ema = tiny_named(seed=1, projector=True), tiny_named(seed=2)
+    files = {}
+
+    def save(key, obj, expected):
+        files[key] = (str(d / f"{key}.pt"), expected)
+        torch.save(obj, files[key][0])
+
+    save("ours", dict(model=raw.state_dict(), ema=ema.state_dict(), opt={}, scaler={}, args=ours_args(), step=2,
+                      epoch=0, rng=[]), ema)
+    projectors = {"projectors.0.0.weight": torch.randn(8, 192)}
+    namespace = argparse.Namespace(model="SiT-T/4", path_type="cosine", num_classes=4, resolution=8, encoder_depth=3)
+    save("official_sra", dict(model=raw.state_dict(), ema=raw.state_dict(), opt={}, args=namespace, steps=5), raw)
+    save("official_repa", dict(model={**backbone(raw.state_dict()), **projectors},
+                               ema={**backbone(raw.state_dict()), **projectors}, opt={}, args=namespace, steps=5), raw)
+    save("ema_only", dict(ema=raw.state_dict()), raw)  # e.g. a released file keeping only the EMA
+    dit = tiny_named("DiT-T/4", seed=3)
+    save("dit_bare", dit.state_dict(), dit)
+    sit_repo = tiny_named("SiT-T/4", seed=4, learn_sigma=True)
+    save("sit_bare", sit_repo.state_dict(), sit_repo)
+    save("sit_repo_train", dict(model=sit_repo.state_dict(), ema=sit_repo.state_dict(), opt={}, args=argparse.Namespace(
+        model="SiT-T/4", path_type="GVP", prediction="velocity", train_eps=None, num_classes=4)), sit_repo)
+    nonull = tiny_named("DiT-T/4", seed=5, class_dropout_prob=0.0)  # no null row: CFG impossible
+    save("dit_no_null", dict(model=nonull.state_dict(), ema=nonull.state_dict(), opt={}, step=1,
+                             args=ours_args(model="DiT-T/4", family="DiT", cfg_prob=0.0)), nonull)
+    save("latent", tiny_named("SiT-T/4", input_size=4, in_channels=4).state_dict(), None)
+    save("foreign", {"weights": {"w": torch.ones(2)}, "note": "hello"}, None)
+    files["text"] = (str(d / "text.pt"), None)
+    with open(files["text"][0], "w") as f:
+        f.write("not a checkpoint\n")
+    return files
+
+
+LAYOUTS = {  # key -> (--model, expected family, path type, wrapped in ReversedSiT)
+    "ours": (None, "SiT", "linear", False),
+    "official_sra": ("SiT-T/4", "SiT", "cosine", False),
+    "official_repa": (None, "SiT", "cosine", False),
+    "ema_only": ("SiT-T/4", "SiT", "linear", False),
+    "dit_bare": ("DiT-T/4", "DiT", "linear", False),
+    "sit_bare": ("SiT-T/4", "SiT", "linear", True),
+    "sit_repo_train": (None, "SiT", "cosine", True),
+}
+
+
+@pytest.mark.parametrize("key", list(LAYOUTS))
+def test_checkpoint_layouts_load_and_sample(key, ckpts, tmp_path, capsys):
+    """Each layout loads with the right weights, family and convention, then samples from the command line."""
+    path, expected = ckpts[key]
+    model_name, family, path_type, reverse = LAYOUTS[key]
+    model, info = sample.load_model(path, model_name)
+    assert (info["family"], info["path_type"], isinstance(model, sample.ReversedSiT)) == (family, path_type, reverse)
+    net = model.net if reverse else model
+    assert net.num_classes == 4 and net.learn_sigma == expected.learn_sigma and net.input_size == 8
+    want = backbone(expected.state_dict())
+    assert net.state_dict().keys() == want.keys()
+    assert all(torch.equal(net.state_dict()[k], want[k]) for k in want)
+    if reverse:  # v(x, t) = -f(x, 1 - t)[:, :C]
+        x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([0.2, 0.9]), torch.tensor([0, 3])
+        assert torch.allclose(model(x, t, y), -net(x, 1 - t, y)[:, :3])
+    argv = ["--ckpt", path, "--grid", "--num-steps", "3", "--sample-dir", str(tmp_path), "--cfg-scale", "1.5"]
+    assert sample.cli(argv + (["--model", model_name] if model_name else [])) == 0
+    assert len(glob.glob(str(tmp_path / "*-grid.png"))) == 1
+
+
+def test_big_models_are_built_on_the_meta_device(ckpts, monkeypatch):
+    """The meta-device path (no random init) loads the same weights as the CPU path."""
+    cpu, _ = sample.load_model(ckpts["dit_bare"][0], "DiT-T/4")
+    monkeypatch.setattr(sample, "META_INIT_PARAMS", 0)
+    meta, _ = sample.load_model(ckpts["dit_bare"][0], "DiT-T/4")
+    assert all(torch.equal(v, meta.state_dict()[k]) for k, v in cpu.state_dict().items())
+    assert not meta.pos_embed.requires_grad and meta.pos_embed.device.type == "cpu"
+
+
+def test_use_raw_model_takes_online_weights(ckpts):
+    """Our checkpoints sample the EMA by default; --use-raw-model takes `model`, without the projector."""
+    raw = tiny_named(seed=1, projector=True)
+    model, _ = sample.load_model(ckpts["ours"][0], use_raw_model=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone(raw.state_dict()).items())
+    assert not any(k.startswith("ap_head.") for k in model.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+
+def record_calls(model):
+    """Forward pre-hook logging (batch size, t, labels) of every network call."""
+    calls = []
+    model.register_forward_pre_hook(lambda mod, inp: calls.append((len(inp[0]), inp[1][0].item(), inp[2].tolist())))
+    return calls
+
+
+def test_cfg_scale_one_is_no_cfg_and_runs_no_unconditional_pass():
+    model = tiny_named()
+    calls = record_calls(model)
+    z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
+    plain = sample.generate(model, z, y, mode="ode", num_steps=5)
+    n_plain = len(calls)
+    guided = sample.generate(model, z, y, mode="ode", num_steps=5, cfg_scale=1.0, guidance_low=0.2)
+    assert torch.equal(plain, guided)
+    assert len(calls) == 2 * n_plain == 10 and all(n == 3 for n, _, _ in calls)
+
+
+def test_cfg_interval_and_null_label():
+    """Guidance (a doubled batch with the null label = num_classes) only while t_low <= t <= t_high."""
+    model = tiny_named()
+    calls = record_calls(model)
+    z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
+    sample.generate(model, z, y, mode="ode", num_steps=10, heun=True, cfg_scale=2.0, guidance_low=0.25,
+                    guidance_high=0.65)  # bounds off the time grid (float32 t in the hook)
+    for n, t, labels in calls:
+        inside = 0.25 <= t <= 0.65
+        assert n == (6 if inside else 3), (n, t)
+        assert labels == ([0, 1, 3, 4, 4, 4] if inside else [0, 1, 3])
+    assert sum(n == 6 for n, _, _ in calls) > 0 and sum(n == 3 for n, _, _ in calls) > 0
+
+
+def test_cfg_formula_on_all_channels_and_ddpm_interval():
+    """Guided eps = u + w (c - u) on every data channel; DiT variance channels stay conditional; t = step/1000."""
+    model = tiny_named("DiT-T/4")
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 2])
+    t = torch.full((2,), 500.0)
+    cond, uncond = model(x.float(), t, y).double(), model(x.float(), t, torch.full_like(y, 4)).double()
+    out = sample.model_fn(model, y, cfg_scale=3.0, ddpm=True)(x, 500)
+    assert torch.allclose(out[:, :3], uncond[:, :3] + 3 * (cond[:, :3] - uncond[:, :3]), atol=1e-5)
+    assert torch.allclose(out[:, 3:], cond[:, 3:], atol=1e-6)
+    calls = record_calls(model)
+    sample.generate(model, x.float(), y, mode="ddpm", num_steps=20, cfg_scale=2.0, guidance_high=0.5)
+    assert all((n == 4) == (t <= 500) for n, t, _ in calls)
+
+
+def test_cfg_needs_a_null_label(ckpts):
+    model, _ = sample.load_model(ckpts["dit_no_null"][0])
+    with pytest.raises(sra.UserError, match="null label"):
+        sample.generate(model, torch.randn(1, 3, 8, 8), torch.tensor([0]), mode="ddpm", num_steps=2, cfg_scale=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output, determinism, resume
+
+def npz_of(folder):
+    """(images, labels) of the single .npz in a sample folder."""
+    (path,) = glob.glob(os.path.join(folder, "*.npz"))
+    with np.load(path) as data:
+        return data["arr_0"], data["arr_1"]
+
+
+def run_cli(ckpt, out, *extra):
+    return sample.cli(["--ckpt", ckpt, "--sample-dir", str(out), "--num-steps", "8", *map(str, extra)])
+
+
+def test_labels_are_uniform_and_tied_to_the_index():
+    _, y, _ = sample.sample_inputs(range(4000), 0, 4, (1, 1, 1))
+    assert abs(np.bincount(y.numpy(), minlength=4) - 1000).max() < 100
+    z_sub, y_sub, _ = sample.sample_inputs(range(1000, 1003), 0, 4, (3, 8, 8))
+    z_all, y_all, _ = sample.sample_inputs(range(1003), 0, 4, (3, 8, 8))
+    assert torch.equal(y_sub, y_all[1000:]) and torch.equal(z_sub, z_all[1000:])
+    assert not torch.equal(sample.sample_inputs(range(3), 1, 4, (3, 8, 8))[0], z_sub[:3])
+
+
+def test_npz_format_pngs_and_preview(ckpts, tmp_path):
+    assert run_cli(ckpts["ours"][0], tmp_path, "--num-fid-samples", 10, "--per-proc-batch-size", 4, "--save-png") == 0
+    images, labels = npz_of(tmp_path)
+    assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
+    assert labels.dtype == np.int64 and labels.shape == (10,) and set(labels) <= {0, 1, 2, 3}
+    assert images.std() > 0
+    (folder,) = [p for p in glob.glob(str(tmp_path / "*")) if os.path.isdir(p)]
+    assert len(glob.glob(os.path.join(folder, "png", "*.png"))) == 10
+    assert len(glob.glob(os.path.join(folder, "parts", "*.npz"))) == 3
+    assert len(glob.glob(str(tmp_path / "*.png"))) == 1  # the preview grid
+
+
+def test_same_npz_from_two_processes_and_two_batch_sizes(ckpts, tmp_path):
+    """Per-sample streams and batches cut at index multiples: 1 or 2 processes give the very same .npz."""
+    ckpt = ckpts["ours"][0]
+    assert run_cli(ckpt, tmp_path / "one", "--num-fid-samples", 10, "--per-proc-batch-size", 2) == 0
+    assert run_cli(ckpt, tmp_path / "b3", "--num-fid-samples", 10, "--per-proc-batch-size", 3) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "sample.py", "--ckpt", ckpt, "--sample-dir", str(tmp_path / "two"), "--num-steps", "8",
+                           "--num-fid-samples", "10", "--per-proc-batch-size", "2"],
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two, b3 = npz_of(tmp_path / "one"), npz_of(tmp_path / "two"), npz_of(tmp_path / "b3")
+    assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+    # Another batch size gives the same noise and labels; CPU matmul kernels are not batch-invariant in the
+    # last float bit, so a rare pixel may round to the neighbouring uint8 level.
+    assert np.array_equal(one[1], b3[1])
+    diff = np.abs(one[0].astype(int) - b3[0])
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_resume_redoes_only_missing_batches(ckpts, tmp_path, capsys):
+    ckpt, flags = ckpts["ours"][0], ("--num-fid-samples", 10, "--per-proc-batch-size", 4)
+    assert run_cli(ckpt, tmp_path / "ref", *flags) == 0
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):  # interrupted after its first batch
+        run_cli(ckpt, out, *flags, "--fault-stop-after", 1)
+    (parts,) = glob.glob(str(out / "*" / "parts"))
+    assert sorted(os.listdir(parts)) == ["0000000-0000004.npz"] and not glob.glob(str(out / "*.npz"))
+    stamp = lambda: {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in os.listdir(parts)}  # noqa: E731
+    before = stamp()
+    capsys.readouterr()
+    assert run_cli(ckpt, out, *flags) == 0
+    assert "4 of 10 samples already done; 2 batch(es) to go" in capsys.readouterr().out
+    after = stamp()
+    assert after["0000000-0000004.npz"] == before["0000000-0000004.npz"] and len(after) == 3
+    for a, b in zip(npz_of(tmp_path / "ref"), npz_of(out)):
+        assert np.array_equal(a, b)
+    os.remove(os.path.join(parts, "0000004-0000008.npz"))  # lose a middle batch
+    before = stamp()
+    assert run_cli(ckpt, out, *flags) == 0
+    assert "6 of 10 samples already done; 1 batch(es) to go" in capsys.readouterr().out
+    assert all(stamp()[f] == t for f, t in before.items())
+    for a, b in zip(npz_of(tmp_path / "ref"), npz_of(out)):
+        assert np.array_equal(a, b)
+
+
+def test_missing_batches_cut_at_index_multiples():
+    parts = [(0, 4, "a"), (5, 8, "b")]
+    assert sample.missing_batches(parts, 13, 4) == [(4, 5), (8, 12), (12, 13)]
+    assert sample.missing_batches([], 10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one `error:` line, exit status 2
+
+BAD = {  # name -> (checkpoint key or path, extra flags, expected message)
+    "missing": ("/nonexistent/ckpt.pt", [], "does not exist"),
+    "foreign": ("foreign", [], "is not a DiT/SiT checkpoint"),
+    "text": ("text", [], "is not a PyTorch checkpoint"),
+    "bare_without_model": ("dit_bare", [], "--model"),
+    "arch_mismatch": ("sit_bare", ["--model", "SiT-S/4"], "checkpoint vs model shape pos_embed (1, 4, 192) vs (1, 4, 384)"),
+    "model_disagrees": ("ours", ["--model", "SiT-B/4"], "holds a SiT-T/4; --model says SiT-B/4"),
+    "ema_only_raw": ("ema_only", ["--model", "SiT-T/4", "--use-raw-model"], "drop --use-raw-model"),
+    "ema_only_no_model": ("ema_only", [], "unknown architecture"),
+    "dit_with_sde": ("dit_bare", ["--model", "DiT-T/4", "--mode", "sde"], "use --mode ddpm"),
+    "sit_with_ddpm": ("ours", ["--mode", "ddpm"], "use --mode sde or --mode ode"),
+    "resolution": ("ours", ["--resolution", "256"], "makes 8px images"),
+    "latent_without_diffusers": ("latent", ["--model", "SiT-T/4"], "pip install diffusers"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_sample_bad_input_is_one_line_and_exit_2(name, ckpts, tmp_path, capsys):
+    if name == "latent_without_diffusers":
+        try:
+            import diffusers  # noqa: F401
+            pytest.skip("diffusers is installed")
+        except ImportError:
+            pass
+    ckpt, extra, message = BAD[name]
+    ckpt = ckpts[ckpt][0] if ckpt in ckpts else ckpt
+    assert sample.cli(["--ckpt", ckpt, "--grid", "--sample-dir", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_architecture_mismatch_names_missing_keys(ckpts, tmp_path, capsys):
+    state = torch.load(ckpts["dit_bare"][0], weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("blocks.5.")}
+    torch.save(state, tmp_path / "short.pt")
+    assert sample.cli(["--ckpt", str(tmp_path / "short.pt"), "--model", "DiT-T/4", "--grid",
+                       "--sample-dir", str(tmp_path)]) == 2
+    assert "missing blocks.5." in capsys.readouterr().err
+
+
+def test_unwritable_sample_dir(ckpts, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert run_cli(ckpts["ours"][0], tmp_path / "file" / "out", "--grid") == 2
+    assert "cannot write to --sample-dir" in capsys.readouterr().err
+
+
+class Malicious:
+    """Unpickling this runs a shell command that would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    """A real process: exit 2, one line naming the import, and the payload never ran."""
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": {}, "ema": Malicious(marker)}, path)
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(path), "--grid", "--sample-dir",
+                           str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: refusing to load")
+    assert proc.stderr.count("\n") == 1 and "system" in proc.stderr
+    assert not marker.exists()
+
+
+def test_trainer_checkpoint_end_to_end(tmp_path):
+    """sra.py trains 2 steps and writes a checkpoint; sample.py --grid reads it."""
+    proc = subprocess.run([sys.executable, "sra.py", "--model", "SiT-T/4", "--max-train-steps", "2", "--batch-size",
+                           "4", "--num-workers", "0", "--sample-steps", "0", "--resolution", "16", "--output-dir",
+                           str(tmp_path / "exps"), "--exp-name", "e2e"], cwd=HERE, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "exps" / "e2e"
+    assert sample.cli(["--ckpt", str(run / "checkpoints" / "0000002.pt"), "--grid", "--num-steps", "4",
+                       "--sample-dir", str(tmp_path / "s")]) == 0
+    assert len(glob.glob(str(tmp_path / "s" / "*-grid.png"))) == 1
+
+
+@pytest.mark.parametrize("family", ["SiT", "DiT"])
+def test_trainer_sample_grid_calls_generate(family, tmp_path):
+    """The training loop's sample grid (sra.save_training_grid) runs through sample.generate (sde / ddpm)."""
+    ema = tiny_named(f"{family}-T/4")
+    args = argparse.Namespace(num_classes=4, in_channels=3, input_size=8, family=family, path_type="linear",
+                              dataset="builtin")
+    (tmp_path / "samples").mkdir()
+    sra.save_training_grid(ema, args, 7, torch.device("cpu"), str(tmp_path), print)
+    assert (tmp_path / "samples" / "0000007.png").exists()

@@ -8,8 +8,7 @@ Run recipes
         --path-type linear --per-proc-batch-size 64 --mode sde --num-steps 250 --cfg-scale 1.8 \
         --guidance-high 0.7 --resolution 256 --vae ema --global-seed 0 --sample-dir samples
     # released weights are bare state dicts: --model names the architecture (and the family's convention)
-    python sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --num-steps 250 --cfg-scale 1.5 --grid
-    python sample.py --model SiT-XL/2 --ckpt SiT-XL-2-256x256.pt --mode ode --heun --cfg-scale 1.5 --grid
+    python sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --cfg-scale 1.5 --grid
 The .npz is <sample-dir>/<name>.npz: arr_0 = uint8 images (N, H, W, 3) as the ADM evaluator reads them,
 arr_1 = int64 class labels (N,). Run the same command again to resume an interrupted run.
 
@@ -20,7 +19,7 @@ Notable choices
       channels. The null label is the checkpoint's num_classes, never a hard-coded 1000.
     * Every sample owns a random stream seeded from (--global-seed, its index): label, then noise, then the
       SDE/DDPM step noise. Batches are cut at fixed index multiples, so the number of processes never
-      changes a sample; finished batches are kept in <name>/parts/ and never redone.
+      changes a sample; finished batches are kept in <name>/parts-b<B>/ and never redone.
 """
 import argparse
 import hashlib
@@ -29,7 +28,6 @@ import math
 import os
 import re
 import sys
-import zipfile
 
 import numpy as np
 import torch
@@ -50,7 +48,6 @@ def randn_like(x, generator=None):
     else:
         noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
     return noise.to(x.device, x.dtype)
-
 
 def sample_inputs(indices, global_seed, num_classes, shape):
     """Per-sample streams seeded (global_seed, index) -> z (N, C, H, W), uniform labels y (N,), generators.
@@ -80,7 +77,6 @@ def sample_ode(velocity, x, num_steps, heun=False):
         x = x_next
     return x
 
-
 def sample_sde(velocity, x, num_steps, path_type="linear", generator=None):
     """Euler-Maruyama for dx = [v - w/2 * score] dt + sqrt(w) dW, w(t) = 2t, on linspace(1, 0.04, N) then 0.
 
@@ -100,13 +96,23 @@ def sample_sde(velocity, x, num_steps, path_type="linear", generator=None):
             x = x + w.sqrt() * dt.abs().sqrt() * randn_like(x, generator)
     return x
 
+def respace(diffusion, num_steps):
+    """Keep `num_steps` evenly spaced steps (DiT's space_timesteps, one section): betas recomputed from the
+    kept alpha-bars; the model is still fed the original step index `timestep_map[i]`."""
+    T = diffusion.num_timesteps
+    if not 1 <= num_steps <= T:
+        raise sra.UserError(f"--num-steps must be between 1 and {T} for DDPM, got {num_steps}")
+    keep = sorted({round(i * (T - 1) / max(1, num_steps - 1)) for i in range(num_steps)})
+    ac = diffusion.alphas_cumprod[keep]
+    return sra.GaussianDiffusion(1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]]),
+                                 timestep_map=diffusion.timestep_map[keep])
 
 def sample_ddpm(eps_model, x, num_steps, generator=None):
     """Ancestral DDPM sampling on `num_steps` evenly spaced steps of the 1000-step schedule (SPEC §4).
 
     eps_model(x, step) gets the original step index (0..999) and returns eps (N, C, H, W), or eps and the
     learned-range value (N, 2C, H, W); no noise is added on the last step. 1000 steps = no respacing."""
-    diffusion = sra.GaussianDiffusion.linear().respace(num_steps)
+    diffusion = respace(sra.GaussianDiffusion.linear(), num_steps)
     x = x.to(torch.float64)  # (N, C, H, W)
     for i in reversed(range(diffusion.num_timesteps)):
         out = eps_model(x, int(diffusion.timestep_map[i]))
@@ -142,7 +148,6 @@ def model_fn(model, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, ddpm=
 
     return f
 
-
 class ReversedSiT(nn.Module):
     """A SiT-repo network (t = 0 noise, t = 1 data, learned sigma) in SRA time: v = -f(x, 1 - t)[:, :C]."""
 
@@ -154,7 +159,6 @@ class ReversedSiT(nn.Module):
 
     def forward(self, x, t, y):
         return -self.net(x, 1 - t, y)[:, :self.in_channels]  # (N, C, H, W); its velocity x - eps, reversed
-
 
 @torch.no_grad()
 def generate(model, z, y, *, mode, num_steps, path_type="linear", cfg_scale=1.0, guidance_low=0.0,
@@ -176,6 +180,48 @@ def generate(model, z, y, *, mode, num_steps, path_type="linear", cfg_scale=1.0,
 
 
 # ----------------------------------------------------------------------------------------------------
+# Images: SD-VAE decoding, uint8 conversion, PNG grids (also the trainer's sample grids)
+
+def load_vae(name, device):
+    """The SD-VAE (`ema` or `mse`) from diffusers, imported only when latents must be decoded."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise sra.UserError("decoding latents needs the SD-VAE: pip install diffusers") from None
+    return AutoencoderKL.from_pretrained(f"stabilityai/sd-vae-ft-{name}").to(device).eval()
+
+@torch.no_grad()
+def to_images(x, vae=None):
+    """Model space -> uint8 images (N, H, W, 3): latents are decoded by the VAE, pixels are in [-1, 1]."""
+    x = vae.decode(x.float() / 0.18215).sample if vae is not None else x
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+def save_image_grid(images, path, nrow):
+    """Save uint8 images (N, H, W, 3) as one PNG grid with `nrow` images per row."""
+    from PIL import Image
+    N, H, W, _ = images.shape
+    grid = np.zeros((math.ceil(N / nrow) * H, nrow * W, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = image
+    Image.fromarray(grid).save(path)
+
+def training_grid(ema, args, step, device, run_dir, log):
+    """A PNG grid from the EMA, 4 images for each of the first 10 classes, from fixed noise."""
+    classes = min(args.num_classes, 10)
+    z = torch.randn((4 * classes, args.in_channels, args.input_size, args.input_size),
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    x = generate(ema, z, torch.arange(classes, device=device).repeat(4), num_steps=50,
+                        mode="ddpm" if args.family == "DiT" else "sde", path_type=args.path_type,
+                        generator=torch.Generator(device).manual_seed(0))
+    try:
+        vae = load_vae("ema", device) if args.dataset == "latents" else None
+    except Exception as e:  # no diffusers or no internet: training goes on without grids
+        return log(f"skipping the sample grid at step {step}: cannot decode latents ({sra.error_line(e)})")
+    save_image_grid(to_images(x, vae), os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=classes)
+    log(f"saved sample grid samples/{step:07d}.png")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints: ours, official SRA/REPA/DiT/SiT training checkpoints, released bare state dicts
 
 def read_checkpoint(path):
@@ -193,7 +239,6 @@ def read_checkpoint(path):
         reason = f"{type(e).__name__}: {str(e)[:100]}"
         raise sra.UserError(f"{path} is not a PyTorch checkpoint ({reason})") from None
 
-
 def check_keys(expected, state, name, path):
     """UserError naming (a few of) the missing, unexpected and mis-shaped keys of a state dict."""
     missing = [k for k in expected if k not in state]
@@ -206,9 +251,7 @@ def check_keys(expected, state, name, path):
                                                               ("checkpoint vs model shape", wrong)) if keys]
         raise sra.UserError(f"{path} does not fit {name}: " + "; ".join(problems))
 
-
 META_INIT_PARAMS = 20_000_000  # bigger models are built on the meta device (an XL's CPU init takes ~15 s)
-
 
 def load_model(path, model_name=None, use_raw_model=False):
     """Build the network a checkpoint holds, on the CPU in eval mode -> (model, info).
@@ -228,11 +271,7 @@ def load_model(path, model_name=None, use_raw_model=False):
         if use_raw_model and not isinstance(ckpt.get("model"), dict):
             raise sra.UserError(f"{path} holds only EMA weights: drop --use-raw-model")
         state = ckpt["model" if use_raw_model else "ema"]
-        path_type, reverse = args.get("path_type", "linear"), False
-        if "train_eps" in args:  # the SiT repo's own trainer: reverse time, and its names for the paths
-            reverse, path_type = True, {"Linear": "linear", "GVP": "cosine"}.get(path_type)
-            if path_type is None or args.get("prediction", "velocity") != "velocity":
-                raise sra.UserError(f"{path}: of SiT-repo models only velocity ones on Linear/GVP paths work")
+        path_type, reverse = {"cos": "cosine"}.get(args.get("path_type"), args.get("path_type", "linear")), False
     elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         if model_name is None:
             raise sra.UserError(f"{path} is a bare state dict: say its architecture with --model (e.g. DiT-XL/2)")
@@ -266,64 +305,20 @@ def load_model(path, model_name=None, use_raw_model=False):
 # ----------------------------------------------------------------------------------------------------
 # Output: per-batch part files (resumable), then one ADM-style .npz
 
-def list_parts(folder):
-    """Finished batches on disk: sorted (start, end, path) from files named <start>-<end>.npz."""
-    found = [re.fullmatch(r"(\d+)-(\d+)\.npz", f) for f in os.listdir(folder)]  # not *.tmp: unfinished
-    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
-
-
-def missing_batches(parts, N, B):
-    """Index ranges [start, end) not yet on disk, cut at multiples of B (the same batches on every run)."""
-    covered = np.zeros(N, dtype=bool)
-    for start, end, _ in parts:
-        covered[start:end] = True
-    batches, i = [], 0
-    while i < N:
-        if covered[i]:
-            i += 1
-            continue
-        j = min((i // B + 1) * B, N)
-        j = i + int(np.argmax(covered[i:j])) if covered[i:j].any() else j  # stop at the next finished sample
-        batches.append((i, j))
-        i = j
-    return batches
-
-
-def save_part(folder, start, end, images, labels):
+def save_part(path, images, labels):
     """Write one finished batch atomically: a crash leaves the whole file or none of it."""
-    path = os.path.join(folder, f"{start:07d}-{end:07d}.npz")
     with open(path + ".tmp", "wb") as f:
         np.savez(f, images=images, labels=labels)
     os.replace(path + ".tmp", path)
 
-
-def write_npz(path, parts, N, H, W, preview=64):
-    """Stream samples [0, N) from the parts into `path` (arr_0 uint8 images, arr_1 labels); -> first images.
-
-    Written part by part into the zip, so 50K images at 256 px (9.8 GB) never sit in memory at once."""
-    chunks, pos = [], 0
-    for start, end, part in parts:
-        if start <= pos < end:
-            chunks.append((part, pos - start, min(end, N) - start))
-            pos = min(end, N)
-    if pos < N:
-        raise sra.UserError(f"sample {pos} is missing from the parts folder: run the same command again")
-    labels, first = [], []
-    with zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as zf:  # as np.savez does
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            header = {"descr": "|u1", "fortran_order": False, "shape": (N, H, W, 3)}
-            np.lib.format.write_array_header_1_0(f, header)
-            for part, a, b in chunks:
-                with np.load(part) as data:
-                    images = data["images"][a:b]
-                    f.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
-                    labels.append(data["labels"][a:b].astype(np.int64))
-                first += list(images[:preview - len(first)])
-        with zf.open("arr_1.npy", "w") as f:
-            np.lib.format.write_array(f, np.concatenate(labels))
+def write_npz(path, parts):
+    """Concatenate the parts into the ADM evaluator's format (arr_0 uint8 images, arr_1 labels); -> images."""
+    loaded = [np.load(part) for part in parts]
+    images, labels = np.concatenate([p["images"] for p in loaded]), np.concatenate([p["labels"] for p in loaded])
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, images, labels.astype(np.int64))  # positional: arr_0, arr_1
     os.replace(path + ".tmp", path)
-    return np.stack(first)
-
+    return images
 
 def run_name(args, info, mode, num_steps, path_type):
     """Folder/file name: readable settings plus a hash of everything that changes the samples."""
@@ -336,7 +331,6 @@ def run_name(args, info, mode, num_steps, path_type):
     model = info["model"].replace("/", "-")
     return f"{model}-{stem}-{mode}{num_steps}-cfg{args.cfg_scale}-seed{args.global_seed}-{tag}"
 
-
 def main(args):
     """Sample a grid (--grid) or --num-fid-samples images into an .npz, split over torchrun processes."""
     ddp, rank, world_size, device = sra.setup_distributed()
@@ -344,9 +338,8 @@ def main(args):
     log = print if rank == 0 else (lambda *a, **k: None)
     try:  # fail now, not after an hour of sampling
         os.makedirs(args.sample_dir, exist_ok=True)
-        probe = os.path.join(args.sample_dir, f".write-test-{rank}")
-        open(probe, "w").close()
-        os.remove(probe)
+        open(os.path.join(args.sample_dir, f".write-test-{rank}"), "w").close()
+        os.remove(os.path.join(args.sample_dir, f".write-test-{rank}"))
     except OSError as e:
         raise sra.UserError(f"cannot write to --sample-dir {args.sample_dir}: {e.strerror or e}") from None
 
@@ -354,10 +347,9 @@ def main(args):
     model = model.to(device)
     family, C, size = info["family"], model.in_channels, model.input_size
     mode = args.mode or ("ddpm" if family == "DiT" else "sde")
-    if family == "DiT" and mode != "ddpm":
-        raise sra.UserError(f"{args.ckpt} is a DiT (DDPM, eps-prediction) model: use --mode ddpm, not {mode}")
-    if family == "SiT" and mode == "ddpm":
-        raise sra.UserError(f"{args.ckpt} is a SiT (velocity) model: use --mode sde or --mode ode, not ddpm")
+    if (family == "DiT") != (mode == "ddpm"):
+        raise sra.UserError(f"{args.ckpt} is a {family} model: use --mode " + ("ddpm" if family == "DiT" else
+                            "sde or --mode ode") + f", not {mode}")
     path_type = {"cos": "cosine"}.get(args.path_type, args.path_type) or info["path_type"]
     if path_type != info["path_type"] and family == "SiT":
         log(f"warning: --path-type {path_type}, but the checkpoint was trained with {info['path_type']}")
@@ -367,7 +359,7 @@ def main(args):
     resolution = size * 8 if C == 4 else size
     if args.resolution and args.resolution != resolution:
         raise sra.UserError(f"the checkpoint makes {resolution}px images, but --resolution is {args.resolution}")
-    vae = sra.load_vae(args.vae, device) if C == 4 else None  # latents are decoded by the SD-VAE
+    vae = load_vae(args.vae, device) if C == 4 else None  # latents are decoded by the SD-VAE
     settings = dict(mode=mode, num_steps=num_steps, path_type=path_type, cfg_scale=args.cfg_scale,
                     guidance_low=args.guidance_low, guidance_high=args.guidance_high, heun=args.heun)
     name = run_name(args, info, mode, num_steps, path_type)
@@ -379,21 +371,21 @@ def main(args):
         z, y, gens = sample_inputs(range(start, end), args.global_seed, model.num_classes, (C, size, size))
         y = y if labels is None else labels
         x = generate(model, z.to(device), y.to(device), generator=gens, **settings)
-        return sra.to_images(x, vae), y.numpy()
+        return to_images(x, vae), y.numpy()
 
     if args.grid:  # one PNG: column k shows class k, 4 rows; no .npz
         if rank == 0:
             k = min(model.num_classes, 10)
             images, _ = make_images(0, 4 * k, labels=torch.arange(k).repeat(4))
             path = os.path.join(args.sample_dir, f"{name}-grid.png")
-            sra.save_image_grid(images, path, nrow=k)
+            save_image_grid(images, path, nrow=k)
             log(f"wrote {path}")
     else:
         N, B = args.num_fid_samples, args.per_proc_batch_size
-        folder = os.path.join(args.sample_dir, name)
-        parts_dir = os.path.join(folder, "parts")
+        parts_dir = os.path.join(args.sample_dir, name, f"parts-b{B}")  # batches: [kB, (k+1)B) of the indices
         os.makedirs(parts_dir, exist_ok=True)
-        todo = missing_batches(list_parts(parts_dir), N, B)
+        parts = {(s, min(s + B, N)): os.path.join(parts_dir, f"{s:07d}-{min(s + B, N):07d}.npz") for s in range(0, N, B)}
+        todo = [batch for batch, path in parts.items() if not os.path.exists(path)]  # finished ones are kept
         if ddp:
             dist.barrier()  # every rank has listed the parts before any rank writes new ones
         log(f"{N - sum(e - s for s, e in todo)} of {N} samples already done; {len(todo)} batch(es) to go "
@@ -402,18 +394,18 @@ def main(args):
             images, labels = make_images(start, end)
             if args.save_png:  # before the part file: a finished part implies its PNGs exist
                 from PIL import Image
-                os.makedirs(os.path.join(folder, "png"), exist_ok=True)
+                os.makedirs(os.path.join(args.sample_dir, name, "png"), exist_ok=True)
                 for i, image in zip(range(start, end), images):
-                    Image.fromarray(image).save(os.path.join(folder, "png", f"{i:06d}.png"))
-            save_part(parts_dir, start, end, images, labels)
+                    Image.fromarray(image).save(os.path.join(args.sample_dir, name, "png", f"{i:06d}.png"))
+            save_part(parts[start, end], images, labels)
             if count == args.fault_stop_after:  # test hook: simulate an interruption
                 raise SystemExit(3)
         if ddp:
             dist.barrier()  # all parts are on disk
         if rank == 0:
             path = os.path.join(args.sample_dir, f"{name}.npz")
-            first = write_npz(path, list_parts(parts_dir), N, resolution, resolution)
-            sra.save_image_grid(first, os.path.join(args.sample_dir, f"{name}.png"), nrow=8)
+            images = write_npz(path, list(parts.values()))
+            save_image_grid(images[:64], os.path.join(args.sample_dir, f"{name}.png"), nrow=8)
             log(f"wrote {path} (arr_0: {N} uint8 images {resolution}x{resolution}x3, arr_1: labels) and a preview "
                 f"{name}.png")
     if ddp:
@@ -427,31 +419,31 @@ def parse_args(argv=None):
     """Parse and check the flags."""
     p = argparse.ArgumentParser(description="Sample from DiT/SiT/SRA checkpoints.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
     # checkpoint
-    p.add_argument("--ckpt", required=True, help="sra.py, SRA, REPA, DiT or SiT checkpoint, or a bare state dict")
-    p.add_argument("--model", default=None, help="architecture, e.g. SiT-XL/2 (default: from the checkpoint; "
-                   "required for bare state dicts, where SiT-... means the SiT repo's reverse time convention)")
-    p.add_argument("--use-raw-model", action="store_true", help="the online `model` weights instead of the EMA")
+    add("--ckpt", required=True, help="sra.py, SRA, REPA, DiT or SiT checkpoint, or a bare state dict")
+    add("--model", default=None, help="architecture, e.g. SiT-XL/2 (default: from the checkpoint; required for "
+        "bare state dicts, where SiT-... means the SiT repo's reverse time convention)")
+    add("--use-raw-model", action="store_true", help="the online `model` weights instead of the EMA")
     # sampler
-    p.add_argument("--mode", default=None, choices=["sde", "ode", "ddpm"], help="default: sde (SiT), ddpm (DiT)")
-    p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default 250; 50 with --grid)")
-    p.add_argument("--heun", action="store_true", help="ODE: Heun instead of Euler")
-    p.add_argument("--path-type", default=None, choices=["linear", "cosine", "cos"],
-                   help="SiT interpolant (default: the checkpoint's)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale w (1 = off)")
-    p.add_argument("--guidance-low", type=float, default=0.0, help="guide only while t >= this")
-    p.add_argument("--guidance-high", type=float, default=1.0, help="guide only while t <= this (paper: 0.7)")
+    add("--mode", default=None, choices=["sde", "ode", "ddpm"], help="default: sde (SiT), ddpm (DiT)")
+    add("--num-steps", type=int, default=None, help="sampling steps (default 250; 50 with --grid)")
+    add("--heun", action="store_true", help="ODE: Heun instead of Euler")
+    add("--path-type", choices=["linear", "cosine", "cos"], help="SiT interpolant (default: the checkpoint's)")
+    add("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale w (1 = off)")
+    add("--guidance-low", type=float, default=0.0, help="guide only while t >= this")
+    add("--guidance-high", type=float, default=1.0, help="guide only while t <= this (paper: 0.7)")
     # output
-    p.add_argument("--sample-dir", default="samples", help="where the .npz, grids and parts go")
-    p.add_argument("--num-fid-samples", type=int, default=50_000, help="images in the .npz")
-    p.add_argument("--per-proc-batch-size", type=int, default=32, help="images per forward pass per process")
-    p.add_argument("--global-seed", type=int, default=0, help="seeds every sample's stream with its index")
-    p.add_argument("--grid", action="store_true", help="only write one PNG grid, 4 images per class")
-    p.add_argument("--save-png", action="store_true", help="also keep every image as a PNG")
-    p.add_argument("--vae", default="ema", choices=["ema", "mse"], help="SD-VAE decoder for latent models")
-    p.add_argument("--resolution", type=int, default=None, help="checked against the checkpoint's resolution")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPUs")
-    p.add_argument("--fault-stop-after", type=int, default=0, help=argparse.SUPPRESS)  # test hook
+    add("--sample-dir", default="samples", help="where the .npz, grids and parts go")
+    add("--num-fid-samples", type=int, default=50_000, help="images in the .npz")
+    add("--per-proc-batch-size", type=int, default=32, help="images per forward pass per process")
+    add("--global-seed", type=int, default=0, help="seeds every sample's stream with its index")
+    add("--grid", action="store_true", help="only write one PNG grid, 4 images per class")
+    add("--save-png", action="store_true", help="also keep every image as a PNG")
+    add("--vae", default="ema", choices=["ema", "mse"], help="SD-VAE decoder for latent models")
+    add("--resolution", type=int, default=None, help="checked against the checkpoint's resolution")
+    add("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPUs")
+    add("--fault-stop-after", type=int, default=0, help=argparse.SUPPRESS)  # test hook
     args = p.parse_args(argv)
     for flag in ("num_fid_samples", "per_proc_batch_size", "num_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -459,7 +451,6 @@ def parse_args(argv=None):
     if not 0 <= args.guidance_low <= args.guidance_high:
         raise sra.UserError("need 0 <= --guidance-low <= --guidance-high")
     return args
-
 
 def cli(argv=None):
     """Command-line entry: 0 on success; 2 and one `error:` line on stderr for bad input."""

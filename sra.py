@@ -1,31 +1,31 @@
-"""SRA: Self-Representation Alignment for diffusion transformers, in one file.
+"""SRA: Self-Representation Alignment for diffusion transformers (Jiang et al., arXiv 2505.02831), in one file.
 
-SRA (Jiang et al., arXiv 2505.02831) adds one term to DiT/SiT training: the online network's hidden
-state after an early block `s`, through a small projector, is pulled towards the hidden state after a
-later block `block_out_t` of the network's own EMA, which sees a less noisy version of the same image.
-No external encoder (DINOv2, CLIP) is used.
+SRA adds one term to DiT/SiT training: the online network's hidden state after an early block, through a small
+projector, is pulled towards the hidden state after a later block of its own EMA, which sees a less noisy
+version of the same image. No external encoder is needed.
 
 Run recipes
-    # one minute on a CPU, built-in procedural data (no download)
-    python sra.py --model SiT-T/4 --max-train-steps 2000 --exp-name demo
+    # minutes on a CPU: the built-in procedural data (no download)
+    python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 3e-4 --ema-decay 0.999 --max-train-steps 2000
     # one GPU, CIFAR-10 in pixel space
     python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128
-    # 8 GPUs, ImageNet 256 latents (the paper; --batch-size is per process: 32 x 8 = 256)
-    torchrun --nproc_per_node=8 sra.py --model SiT-XL/2 --data-dir data/imagenet256 --batch-size 32 \
-        --block-out-s 8 --block-out-t 20 --t-max 0.2 --exp-name sitxl-sra
-    # two nodes: the same line with --nnodes=2 --node_rank=$R --rdzv_endpoint=$HOST:29500 --batch-size 16
+    # 8 GPUs, ImageNet 256 latents (the paper; --batch-size is per process: 32 x 8 = 256); two nodes: add
+    # --nnodes=2 --node_rank=$R --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 and halve the batch
+    torchrun --nproc_per_node=8 sra.py --model SiT-XL/2 --data-dir data/imagenet256 --batch-size 32
+    # the benchmark: SRA vs vanilla step time, images/s, MFU
+    python sra.py --bench --model SiT-XL/2 --batch-size 32
 
 Notable choices
-    * Time runs from t = 0 (data) to t = 1 (noise) for SiT, as in SRA/REPA (the SiT repo is reversed).
-    * Student = hidden state after block `block_out_s` (1-based) -> projector; teacher = raw hidden state
-      after block `block_out_t` of the EMA, which stops there (later blocks are never run).
-    * Teacher time t' = clamp(t - t_max * u, 0, 1) for SiT (integer steps for DiT), same noise, same
-      labels after label dropout.
-    * Loss `sml1` (smooth-L1, beta 0.05; the paper) or `cos` (per token over the feature axis, fp32).
-    * EMA decay 0.9999, an exact copy at step 0, updated after every optimizer step; it is the teacher.
+    * SiT time runs from t = 0 (data) to t = 1 (noise), as in SRA/REPA (the SiT repo is reversed).
+    * Student: hidden state after block `block_out_s` (1-based) -> projector. Teacher: raw hidden state after
+      block `block_out_t` of the EMA, which stops there. Teacher time t' = clamp(t - t_max * u, 0, 1), same
+      noise, same labels after label dropout.
+    * Loss `sml1` (smooth-L1, beta 0.05; the paper) or `cos` (per token over the feature axis, in fp32).
+    * EMA decay 0.9999, an exact copy at step 0, updated after every optimizer step: it is the teacher.
 """
 import argparse
 import contextlib
+import functools
 import glob
 import itertools
 import json
@@ -43,7 +43,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
 
@@ -52,9 +51,8 @@ class UserError(Exception):
 # Embedders: patches, timesteps, labels, positions (SPEC §2)
 
 def modulate(x, shift, scale):
-    """adaLN: LN(x) * (1 + scale) + shift, one (shift, scale) per sample broadcast over tokens."""
+    """adaLN: LN(x) * (1 + scale) + shift, one (shift, scale) per sample, broadcast over tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D-dim tokens (a strided conv)."""
@@ -65,7 +63,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D), row-major tokens
-
 
 class TimestepEmbedder(nn.Module):
     """Scalar time -> 256-dim [cos, sin] sinusoid -> MLP -> D."""
@@ -78,47 +75,40 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        """Sinusoid of t (N,) with frequencies exp(-ln(max_period) * i / (dim/2)); cos first, then sin."""
+        """Sinusoid of t (N,) at frequencies exp(-ln(max_period) * i / (dim/2)); cos first, then sin."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)  # (dim/2,)
         args = t.float()[:, None] * freqs[None]  # (N, dim/2)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
 
     def forward(self, t):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
 
-
 class LabelEmbedder(nn.Module):
-    """Class label -> D. Row `num_classes` is the null class used by classifier-free guidance."""
+    """Class label -> D. Row `num_classes` is the null class of classifier-free guidance.
+
+    Label dropout happens in the training step, not here, so the teacher sees the same dropped labels."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
-        self.num_classes = num_classes
 
     def forward(self, y):
-        # Label dropout is applied by the training step, not here, so that the teacher sees the very
-        # same (possibly dropped) labels as the student (SPEC §5).
         return self.embedding_table(y)  # (N, D)
 
-
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """MAE-style fixed 2D sin-cos table (T, D) for a grid_size x grid_size grid, in float64.
-
-    Entries [0, D/2) encode the column, [D/2, D) the row; in each half, D/4 sines then D/4 cosines."""
+    """MAE-style fixed 2D sin-cos table (T, D), in float64: [0, D/2) encodes the column, [D/2, D) the row,
+    each half D/4 sines then D/4 cosines of pos * 10000^(-i / (D/4))."""
     omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))  # (D/4,)
     rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
-                             indexing="ij")
-
-    def encode(pos):  # (T,) -> (T, D/2)
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
+                             indexing="ij")  # token k = (row k // grid, column k % grid)
+    encode = lambda pos: np.concatenate([np.sin(np.outer(pos.ravel(), omega)),  # noqa: E731  (T, D/2)
+                                         np.cos(np.outer(pos.ravel(), omega))], axis=1)
     return np.concatenate([encode(cols), encode(rows)], axis=1)  # (T, D)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The transformer: adaLN-Zero blocks and the final layer (SPEC §2)
+# The transformer: adaLN-Zero blocks, final layer, projector, model table (SPEC §2)
 
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, via scaled_dot_product_attention."""
@@ -131,23 +121,19 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, D = x.shape
-        qkv = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, heads, T, D/heads), flash on GPU
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D/heads): flash kernels on GPU
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
-
 
 class Mlp(nn.Module):
     """Linear(D, 4D) -> GELU(tanh) -> Linear(4D, D)."""
 
     def __init__(self, dim, hidden_dim):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden_dim), nn.GELU(approximate="tanh"), nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-
 
 class Block(nn.Module):
     """Transformer block with adaLN-Zero conditioning: c gives shift, scale and gate for both branches."""
@@ -163,9 +149,7 @@ class Block(nn.Module):
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
-        return x
-
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a Linear to p*p*C_out values per token."""
@@ -180,28 +164,21 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
 
-
 class Projector(nn.Module):
     """SRA's projector on the student features: Linear(D, 2D) -> SiLU -> Linear(2D, D) (Sec. 3.2)."""
 
     def __init__(self, hidden_size):
         super().__init__()
-        self.linear1 = nn.Linear(hidden_size, 2 * hidden_size)
-        self.act = nn.SiLU()
-        self.linear2 = nn.Linear(2 * hidden_size, hidden_size)
+        self.linear1, self.act, self.linear2 = nn.Linear(hidden_size, 2 * hidden_size), nn.SiLU(), \
+            nn.Linear(2 * hidden_size, hidden_size)
 
     def forward(self, x):
         return self.linear2(self.act(self.linear1(x)))
 
-
 class DiT(nn.Module):
-    """The diffusion transformer shared by DiT and SiT; parameter names match the released checkpoints.
-
-    `model(x, t, y)` -> prediction (N, C_out, H, W). With `block_out_s` it also returns the projected
-    hidden state after that block (the SRA student). `model.forward_features(x, t, y, k)` runs only
-    blocks 1..k and returns the raw hidden state (the SRA teacher). The projector `ap_head` exists only
-    when built with `projector=True`, so released checkpoints load with strict=True without it.
-    """
+    """The transformer of DiT and SiT, with the parameter names of the released checkpoints. `model(x, t, y)`
+    -> (N, C_out, H, W); with `block_out_s` also the projected hidden state after that block (SRA student).
+    The projector `ap_head` exists only with projector=True: released weights load strictly without it."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, projector=False):
@@ -210,8 +187,7 @@ class DiT(nn.Module):
             raise UserError(f"input size {input_size} is not divisible by the patch size {patch_size}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma, self.num_classes, self.class_dropout_prob = learn_sigma, num_classes, class_dropout_prob
-        self.depth, self.hidden_size = depth, hidden_size
+        self.learn_sigma, self.num_classes, self.depth, self.hidden_size = learn_sigma, num_classes, depth, hidden_size
         self.grad_checkpointing = False
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -224,7 +200,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT's init. adaLN and final Linear zeroed => every block starts as the identity, output is 0."""
+        """DiT's init. adaLN and the final Linear are zeroed: every block starts as the identity, output 0."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -232,83 +208,69 @@ class DiT(nn.Module):
         pos = get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv is a Linear over flattened patches
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv as a Linear over flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                  self.final_layer.linear]
+        for layer in zeroed:  # adaLN-Zero
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
         p, c, h = self.patch_size, self.out_channels, self.input_size // self.patch_size
-        x = x.reshape(x.shape[0], h, h, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, h, p, p, c))
+        return x.reshape(x.shape[0], c, h * p, h * p)
 
     def embed(self, x, t, y):
-        """Tokens (N, T, D) and conditioning c = t_emb + y_emb (N, D)."""
+        """Tokens (N, T, D) and the conditioning c = t_emb + y_emb (N, D)."""
         return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
-
-    def run_block(self, block, x, c):
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)  # recompute in backward
-        return block(x, c)
 
     def forward(self, x, t, y, block_out_s=None):
         x, c = self.embed(x, t, y)  # (N, T, D), (N, D)
         features = None
         for i, block in enumerate(self.blocks, start=1):
-            x = self.run_block(block, x, c)  # (N, T, D)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():  # recompute in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)  # (N, T, D)
             if i == block_out_s:
                 features = self.ap_head(x)  # SRA student: projected hidden state after block s (Eq. 4)
         x = self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)
         return x if block_out_s is None else (x, features)
 
     def forward_features(self, x, t, y, depth):
-        """Hidden state after block `depth` (1-based), running only blocks 1..depth: the SRA teacher."""
+        """Hidden state (N, T, D) after block `depth` (1-based), running only blocks 1..depth: the teacher."""
         x, c = self.embed(x, t, y)
         for block in self.blocks[:depth]:
             x = block(x, c)
-        return x  # (N, T, D)
+        return x
 
-
-# Sizes of the paper (S, B, L, XL) plus T, a tiny 6-block model of ours for CPU tutorials.
+# depth, width, heads of the paper's S, B, L, XL, plus T, a tiny 6-block model of ours for CPU tutorials
 SIZES = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
-
-def _constructor(family, size, patch):
+def build_model(family, size, patch, input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
+                learn_sigma=None, **kw):
+    """The constructor behind MODELS["<family>-<size>/<patch>"]; learn_sigma defaults to on for DiT only."""
     depth, width, heads = SIZES[size]
+    learn_sigma = family == "DiT" if learn_sigma is None else learn_sigma  # SRA's SiT: C_out = C
+    return DiT(input_size, patch, in_channels, width, depth, heads, class_dropout_prob=class_dropout_prob,
+               num_classes=num_classes, learn_sigma=learn_sigma, **kw)
 
-    def build(input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1, learn_sigma=None, **kw):
-        if learn_sigma is None:  # DiT learns sigma; SRA's SiT does not (SPEC §2)
-            learn_sigma = family == "DiT"
-        return DiT(input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=width,
-                   depth=depth, num_heads=heads, num_classes=num_classes, class_dropout_prob=class_dropout_prob,
-                   learn_sigma=learn_sigma, **kw)
-
-    build.__doc__ = f"{family}-{size}/{patch}: depth {depth}, width {width}, {heads} heads, patch {patch}."
-    return build
-
-
-MODELS = {f"{fam}-{s}/{p}": _constructor(fam, s, p) for fam in ("SiT", "DiT") for s in SIZES for p in (2, 4, 8)}
-
-# SRA block pairs (student s -> teacher block_out_t), 1-based, from the paper; S and T use the rule of thumb.
-BLOCK_PAIRS = {"SiT-B": (3, 8), "SiT-L": (6, 16), "SiT-XL": (8, 20), "DiT-B": (3, 7), "DiT-L": (6, 14),
-               "DiT-XL": (8, 16), "SiT-S": (3, 8), "DiT-S": (3, 7)}
-
+MODELS = {f"{fam}-{s}/{p}": functools.partial(build_model, fam, s, p) for fam in ("SiT", "DiT") for s in SIZES
+          for p in (2, 4, 8)}
+# SRA block pairs (student s -> teacher block_out_t), 1-based, from the paper (S uses the B pairs)
+BLOCK_PAIRS = {"SiT-S": (3, 8), "SiT-B": (3, 8), "SiT-L": (6, 16), "SiT-XL": (8, 20),
+               "DiT-S": (3, 7), "DiT-B": (3, 7), "DiT-L": (6, 14), "DiT-XL": (8, 16)}
 
 def default_blocks(model_name):
-    """Paper's (block_out_s, block_out_t) for a model, else depth/4 -> 3*depth/4."""
+    """The paper's (block_out_s, block_out_t) for a model, else the rule of thumb depth/4 -> 3*depth/4."""
     key = model_name.split("/")[0]
-    if key in BLOCK_PAIRS:
-        return BLOCK_PAIRS[key]
     depth = SIZES[key.split("-")[1]][0]
-    return max(1, depth // 4), max(1, 3 * depth // 4)
+    return BLOCK_PAIRS.get(key, (max(1, depth // 4), 3 * depth // 4))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,17 +280,14 @@ def mean_flat(x):
     """Mean over every axis but the batch axis."""
     return x.mean(dim=list(range(1, x.ndim)))
 
-
 def interpolant(t, path_type="linear"):
-    """x_t = alpha_t * x + sigma_t * eps; returns alpha_t, sigma_t, d alpha_t/dt, d sigma_t/dt (t=0 data)."""
+    """x_t = alpha_t * x + sigma_t * eps (t = 0 data, t = 1 noise) -> alpha_t, sigma_t, d alpha/dt, d sigma/dt."""
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type in ("cosine", "cos"):  # the official trainer spells it `cos` but its loss only knew `cosine`
-        half_pi = math.pi / 2
-        return torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t), \
-            half_pi * torch.cos(half_pi * t)
+    if path_type in ("cosine", "cos"):  # the official trainer accepts `cos`, but its loss only knew `cosine`
+        a = math.pi / 2
+        return torch.cos(a * t), torch.sin(a * t), -a * torch.sin(a * t), a * torch.cos(a * t)
     raise UserError(f"unknown path type {path_type!r}: use linear or cosine")
-
 
 def sample_time(N, weighting, path_type, device, generator):
     """Training times: uniform on [0, 1], or lognormal (s = e^n, n ~ N(0, 1), mapped onto [0, 1])."""
@@ -337,62 +296,35 @@ def sample_time(N, weighting, path_type, device, generator):
     s = torch.exp(torch.randn(N, device=device, generator=generator))
     return s / (1 + s) if path_type == "linear" else 2 / math.pi * torch.atan(s)
 
-
-def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log P(x) for x in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)), elementwise."""
-    def cdf(v):  # the tanh approximation of the standard normal CDF used by ADM/DiT
-        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))  # noqa: E731
     centered, inv_stdv = x - means, torch.exp(-log_scales)
     cdf_plus, cdf_min = cdf(inv_stdv * (centered + 1 / 255)), cdf(inv_stdv * (centered - 1 / 255))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
-
+    log = lambda v: torch.log(v.clamp(min=1e-12))  # noqa: E731
+    return torch.where(x < -0.999, log(cdf_plus), torch.where(x > 0.999, log(1 - cdf_min), log(cdf_plus - cdf_min)))
 
 class GaussianDiffusion:
-    """DDPM with linear betas and learned-range variance (DiT); float64 tables, indexed by step t.
-
-    `respace(K)` keeps K evenly spaced steps and recomputes the betas from their alpha-bars; the model is
-    still fed the original step index `timestep_map[t]`.
-    """
+    """DDPM with linear betas and learned-range variance (DiT); float64 tables indexed by the step t.
+    A respaced schedule (sample.py) feeds the model the original step index `timestep_map[t]`."""
 
     def __init__(self, betas, timestep_map=None):
         self.betas = b = torch.as_tensor(betas, dtype=torch.float64)
         self.num_timesteps = T = len(b)
         self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map)
         self.alphas_cumprod = ac = torch.cumprod(1 - b, dim=0)
-        self.alphas_cumprod_prev = ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
         self.posterior_variance = pv = b * (1 - ac_prev) / (1 - ac)  # beta tilde
         self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]))  # pv[0] = 0: use pv[1]
         self.posterior_mean_coef1 = b * ac_prev.sqrt() / (1 - ac)
         self.posterior_mean_coef2 = (1 - ac_prev) * (1 - b).sqrt() / (1 - ac)
-        self.log_betas = torch.log(b)
-        self.fixed_large_log_variance = torch.log(torch.cat([pv[1:2], b[1:]]))  # for models without learned sigma
+        self.fixed_large_log_variance = torch.log(torch.cat([pv[1:2], b[1:]]))  # models without learned sigma
 
     @classmethod
     def linear(cls, num_timesteps=1000):
-        """DDPM's linear schedule, beta from 1e-4 to 0.02, scaled for other step counts."""
+        """DDPM's linear schedule, beta from 1e-4 to 0.02 (scaled for other step counts)."""
         scale = 1000 / num_timesteps
         return cls(torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64))
-
-    def respace(self, num_steps):
-        """Keep `num_steps` evenly spaced steps (DiT's space_timesteps with one section)."""
-        T = self.num_timesteps
-        if not 1 <= num_steps <= T:
-            raise UserError(f"--num-steps must be between 1 and {T} for DDPM, got {num_steps}")
-        stride = (T - 1) / (num_steps - 1) if num_steps > 1 else 0
-        keep = sorted({round(i * stride) for i in range(num_steps)})
-        betas, last = [], 1.0
-        for i in keep:
-            betas.append(1 - self.alphas_cumprod[i].item() / last)
-            last = self.alphas_cumprod[i].item()
-        return GaussianDiffusion(betas, timestep_map=self.timestep_map[keep])
 
     @staticmethod
     def _at(table, t, x):
@@ -410,37 +342,36 @@ class GaussianDiffusion:
         return mean, self._at(self.posterior_log_variance_clipped, t, xt)
 
     def p_mean_variance(self, model_output, xt, t):
-        """Model's p(x_{t-1} | x_t): mean, log-variance, predicted x_0 (eps in the first C channels)."""
-        C = xt.shape[1]
-        eps = model_output[:, :C]
-        if model_output.shape[1] == 2 * C:  # learned range: interpolate log beta and log beta tilde
+        """The model's p(x_{t-1} | x_t): mean, log-variance and predicted x_0 (eps in the first C channels)."""
+        C, ac = xt.shape[1], self.alphas_cumprod
+        if model_output.shape[1] == 2 * C:  # learned range: log var between log beta and log beta tilde
             frac = (model_output[:, C:] + 1) / 2
-            log_var = frac * self._at(self.log_betas, t, xt) + (1 - frac) * self._at(
+            log_var = frac * self._at(self.betas.log(), t, xt) + (1 - frac) * self._at(
                 self.posterior_log_variance_clipped, t, xt)
         else:
             log_var = self._at(self.fixed_large_log_variance, t, xt).expand_as(xt)
-        ac = self.alphas_cumprod
-        x0 = self._at((1 / ac).sqrt(), t, xt) * xt - self._at((1 / ac - 1).sqrt(), t, xt) * eps
-        mean, _ = self.q_posterior(x0, xt, t)
-        return mean, log_var, x0
+        x0 = self._at((1 / ac).sqrt(), t, xt) * xt - self._at((1 / ac - 1).sqrt(), t, xt) * model_output[:, :C]
+        return self.q_posterior(x0, xt, t)[0], log_var, x0
 
     def training_losses(self, model_output, x0, xt, t, noise):
-        """Per-sample loss: MSE on eps + the variational bound term (bits/dim) that trains the variance."""
+        """Per-sample loss: MSE on eps + the variational-bound term (bits/dim) that trains the variance."""
         C = x0.shape[1]
         mse = mean_flat((noise - model_output[:, :C]) ** 2)
         if model_output.shape[1] != 2 * C:
             return mse
-        # The vb term sees a detached eps so that it trains only the variance output (DiT / Improved DDPM).
+        # The vb term sees a detached eps, so that it trains only the variance output (Improved DDPM / DiT).
         frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
         mean, log_var, _ = self.p_mean_variance(frozen, xt, t)
         true_mean, true_log_var = self.q_posterior(x0, xt, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+        kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var) + (true_mean - mean) ** 2
+                    * torch.exp(-log_var))  # KL(q || p) of two Gaussians, in nats
+        kl = mean_flat(kl) / math.log(2.0)
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
-        return mse + torch.where(t == 0, nll, kl)
+        return mse + torch.where(t == 0, nll, kl)  # at t = 0 the decoder's likelihood of x_0
 
 
 # ----------------------------------------------------------------------------------------------------
-# EMA teacher and the SRA loss (SPEC §5)
+# The EMA teacher and the SRA loss (SPEC §5)
 
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay=0.9999):
@@ -448,48 +379,40 @@ def update_ema(ema_params, model_params, decay=0.9999):
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
 
-
 def align_loss(student, teacher, loss_type="sml1"):
-    """SRA distance between projected student tokens and teacher tokens (Eq. 5), in fp32.
-
-    Returns the loss and the mean per-token cosine similarity (for logging). `cos` is taken per token over
-    the feature axis; the official code's cosine_similarity(dim=1) ran over the token axis instead."""
+    """SRA distance between projected student tokens and teacher tokens (Eq. 5), in fp32; and the mean
+    per-token cosine similarity (logged). `cos` is per token over the feature axis (the official code's
+    cosine_similarity(dim=1) ran over the token axis)."""
     student, teacher = student.float(), teacher.float()  # (N, T, D); fp16 normalisation can give NaNs
     cos = F.cosine_similarity(student, teacher, dim=-1)  # (N, T)
-    if loss_type == "sml1":
-        loss = F.smooth_l1_loss(student, teacher, beta=0.05)
-    else:
-        loss = (1 - cos).mean()
+    loss = F.smooth_l1_loss(student, teacher, beta=0.05) if loss_type == "sml1" else (1 - cos).mean()
     return loss, cos.detach().mean()
-
 
 def align_weight(step, weight, decay_start, decay_steps):
     """lambda * 0.1^((step - start) / steps) after `decay_start` optimizer steps, else lambda."""
     return weight * 0.1 ** (max(0, step - decay_start) / decay_steps) if decay_steps > 0 else weight
 
-
 def training_losses(model, ema, x, y, args, diffusion, generator):
     """One batch: the student's denoising loss and the SRA alignment to the EMA teacher (Eq. 6).
 
-    Draws, in order: label dropout, noise, student time, teacher offset (all from `generator`)."""
+    Draws, in order, from `generator`: label dropout, noise, student time, teacher time offset."""
     N, device = x.shape[0], x.device
-    net = unwrap(model)
     drop = torch.rand(N, device=device, generator=generator) < args.cfg_prob
-    y = torch.where(drop, torch.full_like(y, net.num_classes), y)  # dropped labels stay dropped for the teacher
+    y = torch.where(drop, unwrap(model).num_classes, y)  # a dropped label stays dropped for the teacher
     noise = torch.randn(x.shape, device=device, generator=generator)
     if args.family == "SiT":
         t = sample_time(N, args.weighting, args.path_type, device, generator)
         alpha, sigma, d_alpha, d_sigma = interpolant(t.view(-1, 1, 1, 1), args.path_type)
-        x_t, target = alpha * x + sigma * noise, d_alpha * x + d_sigma * noise  # Eq. 1, velocity target
+        x_t, target = alpha * x + sigma * noise, d_alpha * x + d_sigma * noise  # Eq. 1 and the velocity
         t_teacher = (t - args.t_max * torch.rand(N, device=device, generator=generator)).clamp(0, 1)  # t' <= t
         alpha_t, sigma_t, _, _ = interpolant(t_teacher.view(-1, 1, 1, 1), args.path_type)
-        x_teacher = alpha_t * x + sigma_t * noise  # same image, same noise, less of it
+        x_teacher = alpha_t * x + sigma_t * noise  # the same image and noise, less of it
     else:
         T = diffusion.num_timesteps
         t = torch.randint(0, T, (N,), device=device, generator=generator)
         x_t = diffusion.q_sample(x, t, noise)
         offset = torch.randint(0, max(1, round(args.t_max * T)), (N,), device=device, generator=generator)
-        t_teacher = (t - offset).clamp(1, T - 1)  # the official DiT-SRA clamps at step 1
+        t_teacher = (t - offset).clamp(1, T - 1)  # as the official DiT-SRA: clamped at step 1
         x_teacher = diffusion.q_sample(x, t_teacher, noise)
     if args.no_sra:
         output, align, cos = model(x_t, t, y), x.new_zeros(()), x.new_zeros(())
@@ -508,18 +431,9 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
 # ----------------------------------------------------------------------------------------------------
 # Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents (SPEC §6)
 
-class DataError(UserError):
-    """A data file that cannot be used; raised where the file is first read (maybe in a worker)."""
-
-
 class ShapesDataset(Dataset):
-    """Built-in data: 10 classes of coloured shapes on shaded backgrounds, made on the fly per index.
-
-    Deterministic (the index seeds the jitter of position, size, colour and background), no files, no
-    download. Class = shape and hue, so a conditional model must use the label to draw the right one."""
-
-    CLASSES = ("disc", "square", "triangle", "ring", "cross", "h-stripes", "v-stripes", "checker", "diamond",
-               "two-dots")
+    """Built-in data: 10 classes of coloured shapes (disc, square, triangle, ring, cross, h-stripes, v-stripes,
+    checker, diamond, two dots), each with its own hue, drawn per index (the index seeds the jitter)."""
 
     def __init__(self, resolution=32, length=50_000):
         self.resolution, self.length = resolution, length
@@ -528,25 +442,22 @@ class ShapesDataset(Dataset):
         return self.length
 
     def __getitem__(self, index):
-        rng, label = np.random.default_rng(index), index % len(self.CLASSES)
+        rng, label = np.random.default_rng(index), index % 10
         yy, xx = (np.mgrid[0:self.resolution, 0:self.resolution] + 0.5) / self.resolution  # (R, R) in (0, 1)
-        cx, cy = 0.5 + rng.uniform(-0.12, 0.12, size=2)
+        dx, dy = xx - 0.5 - rng.uniform(-0.12, 0.12), yy - 0.5 - rng.uniform(-0.12, 0.12)
         s = rng.uniform(0.22, 0.32)  # half-size of the shape
-        dx, dy = xx - cx, yy - cy
         r, box = np.hypot(dx, dy), np.maximum(abs(dx), abs(dy)) < s
-        band = lambda v: np.floor(v / (0.4 * s)) % 2 == 0  # noqa: E731  (stripes of width 0.4 s)
-        mask = [r < s, np.maximum(abs(dx), abs(dy)) < 0.8 * s,
-                (dy < 0.7 * s) & (abs(dx) < 0.6 * (dy + 0.9 * s)), (r < s) & (r > 0.6 * s),
-                ((abs(dx) < 0.3 * s) & (abs(dy) < s)) | ((abs(dy) < 0.3 * s) & (abs(dx) < s)),
+        band = lambda v: np.floor(v / (0.4 * s)) % 2 == 0  # noqa: E731  (stripes 0.4 s wide)
+        mask = [r < s, np.maximum(abs(dx), abs(dy)) < 0.8 * s, (dy < 0.7 * s) & (abs(dx) < 0.6 * (dy + 0.9 * s)),
+                (r < s) & (r > 0.6 * s), ((abs(dx) < 0.3 * s) & (abs(dy) < s)) | ((abs(dy) < 0.3 * s) & (abs(dx) < s)),
                 box & band(dy), box & band(dx), box & (band(dx) ^ band(dy)), abs(dx) + abs(dy) < s,
                 (np.hypot(dx - 0.5 * s, dy) < 0.4 * s) | (np.hypot(dx + 0.5 * s, dy) < 0.4 * s)][label]
-        hue = label / len(self.CLASSES) + rng.uniform(-0.02, 0.02)
+        hue = label / 10 + rng.uniform(-0.02, 0.02)
         color = np.clip(0.5 + 0.5 * np.cos(2 * np.pi * (hue + np.array([0, 1 / 3, 2 / 3]))), 0, 1)  # (3,)
         angle = rng.uniform(0, 2 * np.pi)
         shade = rng.uniform(0.05, 0.3) + 0.15 * ((xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle))
         image = np.where(mask[..., None], color * rng.uniform(0.8, 1.0), shade[..., None])  # (R, R, 3) in [0, 1]
         return torch.from_numpy(image.transpose(2, 0, 1) * 2 - 1).float(), label  # (3, R, R) in [-1, 1]
-
 
 def center_crop_arr(image, resolution):
     """ADM center crop: box-downsample while the short side >= 2 * resolution, bicubic, then crop."""
@@ -554,29 +465,25 @@ def center_crop_arr(image, resolution):
     while min(*image.size) >= 2 * resolution:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = resolution / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.array(image)
+    arr = np.array(image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC))
     top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
     return arr[top:top + resolution, left:left + resolution]
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
-
 
 class ImageFolderDataset(Dataset):
     """root/<class>/<image>: labels from the sorted class names, ADM center crop, [-1, 1]."""
 
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+
     def __init__(self, root, resolution):
-        self.resolution = resolution
+        self.resolution, self.samples = resolution, []
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not classes:
             raise UserError(f"{root} has no class sub-folders: expected {root}/<class>/<image>.png")
-        self.samples = []
         for label, name in enumerate(classes):
             folder = os.path.join(root, name)
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(self.EXTENSIONS))
             if not files:
-                raise UserError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise UserError(f"class folder {folder} holds no images ({', '.join(self.EXTENSIONS)})")
             self.samples += [(os.path.join(folder, f), label) for f in files]
         self.num_classes = len(classes)
 
@@ -590,30 +497,24 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as image:
                 arr = center_crop_arr(image.convert("RGB"), self.resolution)
         except Exception as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
+            raise UserError(f"cannot read image {path}: {e}") from None
         return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1, label  # (3, R, R)
 
-
 class LatentDataset(Dataset):
-    """SRA/REPA/EDM2 pre-encoded ImageNet: vae-sd/dataset.json + one (8, R/8, R/8) .npy per image.
-
-    Returns the stored posterior moments (mean and std, as stored: fp16 stays fp16); the training step
-    draws z = (mean + std * eps) * 0.18215 on the device, fresh every step."""
+    """SRA/REPA/EDM2 pre-encoded ImageNet: vae-sd/dataset.json and one (8, R/8, R/8) .npy per image holding
+    the VAE posterior's mean and std, returned as stored (fp16 stays fp16); see prepare_batch."""
 
     def __init__(self, root, resolution):
-        vae_dir = os.path.join(root, "vae-sd")
-        meta = os.path.join(vae_dir, "dataset.json")
+        meta = os.path.join(root, "vae-sd", "dataset.json")
         try:
             with open(meta) as f:
-                labels = json.load(f)["labels"]
-            self.files = [(os.path.join(vae_dir, rel), int(label)) for rel, label in labels]
+                self.files = [(os.path.join(root, "vae-sd", p), int(label)) for p, label in json.load(f)["labels"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read {meta} ({e}): expected {{\"labels\": [[path, class], ...]}}") from None
-        if not self.files:
-            raise UserError(f"{meta} lists no files")
         missing = [p for p, _ in self.files if not os.path.isfile(p)]
-        if missing:
-            raise UserError(f"{meta} lists {len(missing)} missing files, e.g. {missing[0]}")
+        if missing or not self.files:
+            raise UserError(f"{meta} lists {len(missing)} missing files, e.g. {missing[0]}" if missing
+                            else f"{meta} lists no files")
         self.num_classes = 1 + max(label for _, label in self.files)
         self.shape = (8, resolution // 8, resolution // 8)
 
@@ -625,66 +526,52 @@ class LatentDataset(Dataset):
         try:
             moments = np.load(path)
         except Exception as e:
-            raise DataError(f"cannot read latent file {path}: {e}") from None
+            raise UserError(f"cannot read latent file {path}: {e}") from None
         moments = moments[0] if moments.ndim == 4 and moments.shape[0] == 1 else moments
         if tuple(moments.shape) != self.shape:
-            raise DataError(f"latent file {path} has shape {tuple(moments.shape)}, expected {self.shape} "
-                            f"(VAE mean and std at resolution/8); check --resolution")
+            raise UserError(f"latent file {path} has shape {tuple(moments.shape)}, expected {self.shape} "
+                            f"(VAE mean and std at resolution/8): check --resolution")
         return torch.from_numpy(np.ascontiguousarray(moments)), label
 
-
-def build_dataset(args):
-    """The data source named by --dataset/--data-dir; sets args.num_classes/in_channels/input_size."""
-    kind = args.dataset
-    if kind is None:
-        if args.data_dir is None:
-            kind = "builtin"
-        elif os.path.isdir(os.path.join(args.data_dir, "vae-sd")):
-            kind = "latents"
-        else:
-            kind = "folder"
-    if kind != "builtin" and not (args.data_dir and os.path.isdir(args.data_dir)):
-        if kind != "cifar10":
-            raise UserError(f"data folder {args.data_dir!r} does not exist: pass --data-dir, or omit it for the "
-                            "built-in data")
-    default_res = {"builtin": 32, "cifar10": 32}.get(kind, 256)
-    args.resolution = args.resolution or default_res
-    if kind == "latents":
-        if args.resolution % 8:
-            raise UserError(f"--resolution {args.resolution} is not divisible by 8 (the SD-VAE downsamples by 8)")
-        dataset, channels, size = LatentDataset(args.data_dir, args.resolution), 4, args.resolution // 8
-    elif kind == "folder":
-        dataset, channels, size = ImageFolderDataset(args.data_dir, args.resolution), 3, args.resolution
-    elif kind == "cifar10":
-        dataset, channels, size = cifar10(args.data_dir or "data/cifar10"), 3, 32
-    else:
-        dataset, channels, size = ShapesDataset(args.resolution), 3, args.resolution
-    inferred = getattr(dataset, "num_classes", 10)
-    if args.num_classes is not None and args.num_classes < inferred:
-        raise UserError(f"--num-classes {args.num_classes} is smaller than the {inferred} classes in the data")
-    args.num_classes = args.num_classes or inferred
-    args.dataset, args.in_channels, args.input_size = kind, channels, size
-    patch = int(args.model.split("/")[1])
-    if size % patch:
-        raise UserError(f"input size {size} (from --resolution {args.resolution}) is not divisible by the patch "
-                        f"size {patch} of {args.model}")
-    return dataset
-
-
 def cifar10(root):
-    """torchvision CIFAR-10 (train split) in [-1, 1], downloaded when missing and online."""
+    """torchvision's CIFAR-10 training split in [-1, 1], downloaded when missing and online."""
     import torchvision
     import torchvision.transforms as T
     transform = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
-    try:
-        return torchvision.datasets.CIFAR10(root, train=True, download=False, transform=transform)
-    except RuntimeError:
+    for download in (False, True):
         try:
-            return torchvision.datasets.CIFAR10(root, train=True, download=True, transform=transform)
+            return torchvision.datasets.CIFAR10(root, train=True, download=download, transform=transform)
         except Exception as e:
-            raise UserError(f"CIFAR-10 is not in {root} and could not be downloaded ({type(e).__name__}): put "
-                            f"cifar-10-batches-py/ there or run once online") from None
+            error = e
+    raise UserError(f"CIFAR-10 is not in {root} and could not be downloaded ({type(error).__name__}): put "
+                    f"cifar-10-batches-py/ there or run once online")
 
+def build_dataset(args):
+    """The data source named by --dataset/--data-dir; sets args.num_classes, in_channels and input_size."""
+    kind = args.dataset or ("builtin" if args.data_dir is None else "latents" if os.path.isdir(
+        os.path.join(args.data_dir, "vae-sd")) else "folder")
+    if kind in ("latents", "folder") and not (args.data_dir and os.path.isdir(args.data_dir)):
+        raise UserError(f"data folder {args.data_dir!r} does not exist: pass --data-dir, or omit it for the "
+                        f"built-in data")
+    args.resolution = args.resolution or (32 if kind in ("builtin", "cifar10") else 256)
+    if kind == "latents":
+        if args.resolution % 8:
+            raise UserError(f"--resolution {args.resolution} is not divisible by 8 (the SD-VAE downsamples by 8)")
+        dataset, args.in_channels, args.input_size = LatentDataset(args.data_dir, args.resolution), 4, args.resolution // 8
+    elif kind == "folder":
+        dataset, args.in_channels, args.input_size = ImageFolderDataset(args.data_dir, args.resolution), 3, args.resolution
+    elif kind == "cifar10":
+        dataset, args.in_channels, args.input_size = cifar10(args.data_dir or "data/cifar10"), 3, 32
+    else:
+        dataset, args.in_channels, args.input_size = ShapesDataset(args.resolution), 3, args.resolution
+    inferred = getattr(dataset, "num_classes", 10)
+    if (args.num_classes or inferred) < inferred:
+        raise UserError(f"--num-classes {args.num_classes} is smaller than the {inferred} classes in the data")
+    args.num_classes, args.dataset = args.num_classes or inferred, kind
+    if args.input_size % int(args.model.split("/")[1]):
+        raise UserError(f"input size {args.input_size} (from --resolution {args.resolution}) is not divisible by "
+                        f"the patch size {args.model.split('/')[1]} of {args.model}")
+    return dataset
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start mid-epoch (`skip` samples in), so a resumed run sees the same batches."""
@@ -694,10 +581,9 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.skip, None)
 
-
 def prepare_batch(x, kind, generator):
-    """On-device augmentation and latent sampling, drawn from the training generator (resumable)."""
-    if kind == "latents":  # z = (mean + std * eps) * 0.18215, a fresh posterior sample every step
+    """On-device latent sampling or random flips, drawn from the (checkpointed) training generator."""
+    if kind == "latents":  # z = (mean + std * eps) * 0.18215: a fresh posterior sample every step
         mean, std = x.float().chunk(2, dim=1)
         return (mean + std * torch.randn(mean.shape, device=x.device, generator=generator)) * 0.18215
     flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5  # random horizontal flip
@@ -705,85 +591,51 @@ def prepare_batch(x, kind, generator):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers: distributed setup, images, checkpoints, logging
+# Helpers: distributed setup, checkpoints, logging
 
 def unwrap(model):
     """The plain DiT inside DDP and/or torch.compile wrappers (for state dicts and the EMA)."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
 
-
 def setup_distributed(timeout_s=1800):
-    """(ddp, rank, world_size, device). DDP when torchrun set RANK; the GPU comes from LOCAL_RANK, never RANK."""
+    """(ddp, rank, world_size, device). DDP when torchrun set RANK; the GPU comes from LOCAL_RANK, not RANK."""
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def load_vae(name, device):
-    """The SD-VAE (`ema` or `mse`) from diffusers, imported only when latents must be decoded."""
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise UserError("decoding latents needs the SD-VAE: pip install diffusers") from None
-    return AutoencoderKL.from_pretrained(f"stabilityai/sd-vae-ft-{name}").to(device).eval()
-
-
-@torch.no_grad()
-def to_images(x, vae=None):
-    """Model space -> uint8 images (N, H, W, 3): latents are decoded by the VAE, pixels taken as [-1, 1]."""
-    if vae is not None:
-        x = vae.decode(x.float() / 0.18215).sample
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_image_grid(images, path, nrow):
-    """Save uint8 images (N, H, W, 3) as one PNG grid with `nrow` images per row."""
-    from PIL import Image
-    N, H, W, _ = images.shape
-    rows = math.ceil(N / nrow)
-    grid = np.zeros((rows * H, nrow * W, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
-        grid[(i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = image
-    Image.fromarray(grid).save(path)
-
 
 def atomic_save(obj, path):
     """torch.save to path.tmp, fsync, then rename: a crash leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp", path)
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-
 
 def load_checkpoint(path):
     """Load a training checkpoint with weights_only=True (no code can run); UserError if it is not one."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
         raise UserError(f"{path} is not a loadable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= ckpt.keys():
         raise UserError(f"{path} is not an sra.py training checkpoint (needs model, ema, opt, step, args)")
     return ckpt
 
-
 def list_checkpoints(run_dir):
     """Step checkpoints of a run, newest first (temporary *.tmp files are never listed)."""
     paths = glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
     return sorted((p for p in paths if os.path.basename(p)[:-3].isdigit()), reverse=True)
-
 
 def find_resume_checkpoint(run_dir, log):
     """--resume auto: the newest checkpoint that loads; unreadable ones are reported and skipped."""
@@ -795,12 +647,9 @@ def find_resume_checkpoint(run_dir, log):
     log(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
     return None, None
 
-
 def prune_checkpoints(run_dir, keep_last, keep_every, current=None):
-    """Delete all but the newest `keep_last` step checkpoints, sparing multiples of `keep_every`.
-
-    Only checkpoints up to step `current` (the one just written) count: a newer file that --resume auto
-    skipped as unreadable must not push the fresh, good one out."""
+    """Delete all but the newest `keep_last` step checkpoints up to step `current` (the one just written),
+    sparing multiples of `keep_every`; a newer, unreadable file never pushes the fresh one out."""
     steps = {path: int(os.path.basename(path)[:-3]) for path in list_checkpoints(run_dir)}
     older = [path for path, step in steps.items() if current is None or step <= current]  # newest first
     for path in older[keep_last:]:
@@ -808,93 +657,8 @@ def prune_checkpoints(run_dir, keep_last, keep_every, current=None):
             os.remove(path)
 
 
-class Logger:
-    """Rank-0 log lines to stdout and log.txt, and metrics to metrics.jsonl (other ranks stay silent)."""
-
-    def __init__(self, run_dir, enabled):
-        self.enabled = enabled
-        if enabled:
-            self.text = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
-            self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-
-    def __call__(self, message):
-        if self.enabled:
-            line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-            print(line, flush=True)
-            self.text.write(line + "\n")
-
-    def record(self, metrics):
-        if self.enabled:
-            self.metrics.write(json.dumps(metrics) + "\n")
-
-
-def format_time(seconds):
-    """12345 -> '3h25m45s'."""
-    seconds = int(seconds)
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training
-
-def save_training_grid(ema, args, step, device, run_dir, log):
-    """A PNG grid from the EMA, 4 images per class (first 10 classes), fixed noise so grids compare."""
-    import sample  # samplers live in sample.py; imported here to keep `import sra` light
-    classes = min(args.num_classes, 10)
-    y = torch.arange(classes, device=device).repeat(4)
-    z = torch.randn((len(y), args.in_channels, args.input_size, args.input_size),
-                    generator=torch.Generator().manual_seed(0)).to(device)
-    mode = "ddpm" if args.family == "DiT" else "sde"
-    x = sample.generate(ema, z, y, mode=mode, num_steps=50, path_type=args.path_type,
-                        generator=torch.Generator(device).manual_seed(0))
-    vae = None
-    if args.dataset == "latents":
-        try:
-            vae = load_vae("ema", device)
-        except Exception as e:  # no diffusers or no internet: training goes on without grids
-            log(f"skipping the sample grid at step {step}: cannot decode latents ({e})")
-            return
-    path = os.path.join(run_dir, "samples", f"{step:07d}.png")
-    save_image_grid(to_images(x, vae), path, nrow=classes)
-    log(f"saved sample grid {path}")
-
-
-def train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, generator, autocast, weight, sums,
-               nan=False):
-    """One optimizer step over --gradient-accumulation-steps micro-batches, then the EMA update.
-
-    Adds (denoise, align, cos, grad norm, non-finite) to the device tensor `sums`; returns the epoch of the
-    last batch and whether an fp16 overflow skipped the step."""
-    ddp, device = isinstance(model, torch.nn.parallel.DistributedDataParallel), sums.device
-    accum = args.gradient_accumulation_steps
-    for micro in range(accum):
-        epoch, (x, y) = next(data)
-        x = prepare_batch(x.to(device, non_blocking=True), args.dataset, generator)
-        y = y.to(device, non_blocking=True)
-        with (model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()):  # one grad sync a step
-            with autocast:
-                denoise, align, cos = training_losses(model, ema, x, y, args, diffusion, generator)
-                loss = (denoise + weight * align) / accum  # Eq. 6: L = L_denoise + lambda * L_align
-            if nan:  # test hook (--fault-nan-at): inject a non-finite loss
-                loss = loss * float("nan")
-            scaler.scale(loss).backward()
-        sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
-    scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    sums[3:] += torch.stack([grad_norm, (~torch.isfinite(loss.detach())).float()])
-    skipped = False
-    if scaler.is_enabled():
-        scale = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        skipped = scaler.get_scale() < scale  # fp16 overflow: the step was skipped, not a crash
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    update_ema(*ema_pairs, args.ema_decay)
-    return epoch, skipped
-
 
 def build(args, device):
     """The model (with the projector unless --no-sra), its EMA teacher, AdamW and the fp16 loss scaler."""
@@ -909,9 +673,33 @@ def build(args, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                             eps=args.adam_epsilon, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    return model, ema, pairs, opt, scaler
+    return model, ema, pairs, opt, torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
 
+def train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, generator, autocast, weight, sums,
+               nan=False):
+    """One optimizer step over the micro-batches, then the EMA update. Adds (denoise, align, cos, grad norm,
+    non-finite) to the device tensor `sums`; returns the epoch and whether an fp16 overflow skipped the step."""
+    ddp, accum = isinstance(model, nn.parallel.DistributedDataParallel), args.gradient_accumulation_steps
+    for micro in range(accum):
+        epoch, (x, y) = next(data)
+        x = prepare_batch(x.to(sums.device, non_blocking=True), args.dataset, generator)
+        y = y.to(sums.device, non_blocking=True)
+        with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():  # one grad sync a step
+            with autocast:
+                denoise, align, cos = training_losses(model, ema, x, y, args, diffusion, generator)
+                loss = (denoise + weight * align) / accum  # Eq. 6: L = L_denoise + lambda * L_align
+            loss = loss * float("nan") if nan else loss  # test hook (--fault-nan-at)
+            scaler.scale(loss).backward()
+        sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
+    scaler.unscale_(opt)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    sums[3:] += torch.stack([grad_norm, (~torch.isfinite(loss.detach())).float()])
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)  # a plain opt.step() when the scaler is disabled
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    update_ema(*ema_pairs, args.ema_decay)
+    return epoch, scale is not None and scaler.get_scale() < scale  # fp16 overflow: a skipped step, not a crash
 
 def main(args):
     """Train a DiT/SiT with SRA (or vanilla with --no-sra); rank 0 logs, samples and checkpoints."""
@@ -919,19 +707,24 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
     dataset = build_dataset(args)
     run_dir = os.path.join(args.output_dir, args.exp_name)
-    if rank == 0:
+    if rank == 0:  # rank 0 writes the run folder and logs (stdout, log.txt, metrics.jsonl); the others are silent
         for sub in ("checkpoints", "samples"):
             os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-    log = Logger(run_dir, rank == 0)
+        text, metrics = (open(os.path.join(run_dir, name), "a", buffering=1) for name in ("log.txt", "metrics.jsonl"))
+
+    def log(message):
+        for out in (sys.stdout, text) if rank == 0 else ():
+            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}", file=out, flush=True)
+
     model, ema, ema_pairs, opt, scaler = build(args, device)
-    log(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters) on {args.dataset} "
-        f"data ({len(dataset)} items, {args.num_classes} classes, {args.in_channels}x{args.input_size}x"
-        f"{args.input_size}), {world_size} process(es) on {device}, " + ("vanilla (--no-sra)" if args.no_sra else
-        f"SRA blocks {args.block_out_s}->{args.block_out_t}, t_max {args.t_max}, {args.loss_type} x {args.align_weight}"))
-    # Training randomness (noise, times, label dropout, flips, latent sampling) comes from one generator
-    # per rank, seeded seed * world_size + rank, and is checkpointed: a resumed run draws the same numbers.
+    log(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters) on {args.dataset} data "
+        f"({len(dataset)} items, {args.num_classes} classes, {args.in_channels}x{args.input_size}x{args.input_size}),"
+        f" {world_size} process(es) on {device}, " + ("vanilla (--no-sra)" if args.no_sra else f"SRA blocks "
+        f"{args.block_out_s}->{args.block_out_t}, t_max {args.t_max}, {args.loss_type} x {args.align_weight}"))
+    # Training randomness (noise, times, label dropout, flips, latent samples) comes from one generator per
+    # rank, seeded seed * world_size + rank, and is checkpointed: a resumed run draws the same numbers.
     generator = torch.Generator(device).manual_seed(args.seed * world_size + rank)
 
     step, last_ckpt, ckpt = 0, None, None
@@ -941,9 +734,8 @@ def main(args):
         last_ckpt, ckpt = args.resume, load_checkpoint(args.resume)
     if ckpt is not None:
         try:
-            for part, state in ((model, ckpt["model"]), (ema, ckpt["ema"]), (opt, ckpt["opt"]),
-                                (scaler, ckpt["scaler"])):
-                part.load_state_dict(state)
+            for part, key in ((model, "model"), (ema, "ema"), (opt, "opt"), (scaler, "scaler")):
+                part.load_state_dict(ckpt[key])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"{last_ckpt} does not fit {args.model} with these flags: {str(e).splitlines()[0]}")
         step = ckpt["step"]
@@ -953,15 +745,15 @@ def main(args):
             generator.manual_seed((args.seed * world_size + rank) * 1_000_003 + step)
         log(f"resumed from {last_ckpt} at step {step}")
 
-    # Data: each rank reads its own shard of a shuffled order that depends only on (seed, epoch).
+    # Data: each rank reads its shard of a shuffled order that depends only on (seed, epoch).
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
                                drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, drop_last=True)
     micro_per_epoch, accum = len(loader), args.gradient_accumulation_steps
     if micro_per_epoch < accum:
-        raise UserError(f"{len(dataset)} items make less than one step of {args.batch_size} x {world_size} "
-                        f"x {accum}: lower --batch-size")
+        raise UserError(f"{len(dataset)} items make less than one step of {args.batch_size} x {world_size} x "
+                        f"{accum}: lower --batch-size")
     total_steps = min(args.max_train_steps or math.inf, args.epochs * (micro_per_epoch // accum))
 
     def batches(epoch, skip):
@@ -977,13 +769,13 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     model.train()
     diffusion = GaussianDiffusion.linear() if args.family == "DiT" else None
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    stop = []  # filled by SIGTERM (preemption): checkpoint at the current step, then exit
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append("SIGTERM"))
+    stop = []  # SIGTERM (preemption): checkpoint at the current step, then exit
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
     def checkpoint():
         """Rank 0 writes a complete checkpoint atomically, holding every rank's generator state."""
@@ -1000,8 +792,7 @@ def main(args):
                 prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
             log(f"saved checkpoint {last_ckpt}")
 
-    # Running sums stay on the device and are read only at log/checkpoint steps: no sync inside a step.
-    sums = torch.zeros(5, device=device)  # denoise, align, cos, grad norm, non-finite losses
+    sums = torch.zeros(5, device=device)  # running denoise, align, cos, grad norm, non-finite losses
     skipped, timer, logged_step = 0, time.time(), step
     log(f"training steps {step} -> {total_steps}, global batch {args.batch_size * world_size * accum}")
     while step < total_steps:
@@ -1011,7 +802,7 @@ def main(args):
         skipped, step = skipped + skip, step + 1
         log_now, save_now = step % args.log_every == 0 or step == total_steps, step % args.checkpoint_steps == 0
         stopping = bool(stop) and not ddp  # under DDP the ranks agree on stopping at log steps (below)
-        if log_now or save_now or stopping:
+        if log_now or save_now or stopping:  # the only host-device syncs of the loop
             stats = sums.clone()
             if ddp:
                 dist.all_reduce(stats)
@@ -1025,10 +816,12 @@ def main(args):
             images_per_s = n * args.batch_size * world_size * accum / elapsed
             log(f"step {step}/{total_steps} | loss {denoise + weight * align:.4f} | denoise {denoise:.4f} | align "
                 f"{align:.4f} (cos {cos:.3f}) | grad {grad:.3f} | {n / elapsed:.2f} it/s {images_per_s:.1f} img/s"
-                f" | ETA {format_time((total_steps - step) * elapsed / n)}")
-            log.record(dict(step=step, epoch=epoch, gen_loss=denoise, align_loss=align, align_cos=cos,
-                            align_weight=weight, grad_norm=grad, lr=opt.param_groups[0]["lr"],
-                            img_per_s=images_per_s, skipped_steps=int(skipped)))
+                f" | ETA {(total_steps - step) * elapsed / n / 60:.1f} min")
+            if rank == 0:
+                metrics.write(json.dumps(dict(step=step, epoch=epoch, gen_loss=denoise, align_loss=align,
+                                              align_cos=cos, align_weight=weight, grad_norm=grad,
+                                              lr=opt.param_groups[0]["lr"], img_per_s=images_per_s,
+                                              skipped_steps=int(skipped))) + "\n")
             sums.zero_()
             timer, logged_step = time.time(), step
             if ddp:  # every rank must stop at the same step
@@ -1038,7 +831,8 @@ def main(args):
         if save_now or step == total_steps or stopping:
             checkpoint()
         if rank == 0 and args.sample_steps and step % args.sample_steps == 0:
-            save_training_grid(ema, args, step, device, run_dir, log)
+            import sample  # image making (samplers, VAE, grids) lives in sample.py
+            sample.training_grid(ema, args, step, device, run_dir, log)
         if stopping:
             log(f"received SIGTERM: checkpoint {last_ckpt} written at step {step}; continue with --resume auto")
             break
@@ -1048,45 +842,35 @@ def main(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark (--bench): step time, throughput, MFU and the SRA overhead, on synthetic batches
+# Benchmark (--bench): step time, images/s, MFU and the SRA overhead, on synthetic batches
 
 PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense bf16/fp16 tensor-core peaks (SXM parts)
 
-
 def forward_flops(model, depth=None):
-    """FLOPs of one image's forward through `depth` blocks (default: all, plus the final layer), 2 per MAC.
-
-    Per block: qkv, proj and MLP matmuls 24*T*D^2, attention scores and mixing 4*T^2*D, adaLN 12*D^2; patch
-    embedding 2*T*p^2*C*D; final layer 2*T*D*p^2*C_out + 4*D^2. (DiT's "118.6 GFLOPs" for DiT-XL/2 counts
-    multiply-adds, half of our figure.)"""
+    """FLOPs (2 per multiply-add; DiT's "118.6 GFLOPs" count multiply-adds) of one image's forward through
+    `depth` blocks or all of them and the final layer. Per block: qkv, proj and MLP matmuls 24*T*D^2,
+    attention 4*T^2*D, adaLN 12*D^2; patch embedding 2*T*p^2*C*D; final layer 2*T*D*p^2*C_out + 4*D^2."""
     T, D, p = (model.input_size // model.patch_size) ** 2, model.hidden_size, model.patch_size
     flops = (depth or model.depth) * (24 * T * D * D + 4 * T * T * D + 12 * D * D) + 2 * T * p * p * model.in_channels * D
     return flops + (2 * T * D * p * p * model.out_channels + 4 * D * D if depth is None else 0)
 
-
 def train_flops(model, args):
-    """Per image: forward + backward (3 forwards) + projector (3 x 8*T*D^2) + the teacher's partial forward."""
-    flops = 3 * forward_flops(model)
-    if not args.no_sra:
-        T = (model.input_size // model.patch_size) ** 2
-        flops += 3 * 8 * T * model.hidden_size ** 2 + forward_flops(model, args.block_out_t)
-    return flops
-
+    """Per image: 3 forwards (forward + backward), and for SRA the projector (3 x 8*T*D^2) and the teacher."""
+    T = (model.input_size // model.patch_size) ** 2
+    sra_flops = 24 * T * model.hidden_size ** 2 + forward_flops(model, args.block_out_t)
+    return 3 * forward_flops(model) + (0 if args.no_sra else sra_flops)
 
 def median_time(fn, repeats, warmup, device):
-    """Wall-clock seconds of fn() after `warmup` calls: (median, min, max)."""
+    """(median, min, max) wall-clock seconds of fn() after `warmup` untimed calls."""
     times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for _ in range(warmup + repeats):
+        torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        torch.cuda.synchronize() if device.type == "cuda" else None
         times.append(time.perf_counter() - start)
     times = sorted(times[warmup:])
     return times[len(times) // 2], times[0], times[-1]
-
 
 def bench(args):
     """Time the vanilla and the SRA training step (and optionally the sampler); print one JSON line each."""
@@ -1101,128 +885,116 @@ def bench(args):
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     data = itertools.repeat((0, (torch.randn(B, C, H, W), torch.randint(0, 1000, (B,)))))
-    steps, vanilla = args.bench_steps or (20 if device.type == "cuda" else 3), None
-    diffusion = GaussianDiffusion.linear() if args.family == "DiT" else None
-    for args.no_sra in (True, False):
+    steps, diffusion = args.bench_steps or (20 if device.type == "cuda" else 3), GaussianDiffusion.linear()
+    for args.no_sra in (True, False):  # the vanilla step first: the SRA one reports its ratio to it
         model, ema, pairs, opt, scaler = build(args, device)
-        net = torch.compile(model) if args.compile else model
-        sums, generator = torch.zeros(5, device=device), torch.Generator(device).manual_seed(0)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        med, low, high = median_time(lambda: train_step(net, ema, opt, scaler, pairs, data, args, diffusion, generator,
-                                                        autocast, args.align_weight, sums), steps, 2, device)
+        net, sums = torch.compile(model) if args.compile else model, torch.zeros(5, device=device)
+        generator = torch.Generator(device).manual_seed(0)
+        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+        med, low, high = median_time(lambda: train_step(net, ema, opt, scaler, pairs, data, args, diffusion,
+                                                        generator, autocast, args.align_weight, sums), steps, 2, device)
         flops = train_flops(model, args)
         r = dict(model=args.model, sra=not args.no_sra, batch=B, shape=[C, H, W], dtype=args.mixed_precision,
-                 device=name, compile=args.compile, grad_checkpointing=args.grad_checkpointing,
-                 step_s_median=med, step_s_min=low, step_s_max=high, img_per_s=B / med,
+                 device=name, compile=args.compile, grad_checkpointing=args.grad_checkpointing, step_s_median=med,
+                 step_s_min=low, step_s_max=high, img_per_s=B / med,
                  peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
                  flops_per_img=flops, tflops=flops * B / med / 1e12, mfu=flops * B / med / 1e12 / peak if peak else None)
         if not args.no_sra:  # where the SRA step's time goes: teacher forward, EMA update, optimizer step
             x, t, y = torch.randn(B, C, H, W, device=device), torch.rand(B, device=device), torch.zeros(B, device=device).long()
-
-            def teacher():
-                with torch.no_grad(), autocast:
-                    ema.forward_features(x, t, y, args.block_out_t)
+            teacher = torch.no_grad()(autocast(lambda: ema.forward_features(x, t, y, args.block_out_t)))
             for part, fn in (("teacher", teacher), ("ema", lambda: update_ema(*pairs, args.ema_decay)),
                              ("optimizer", opt.step)):
                 r[f"{part}_frac"] = median_time(fn, steps, 1, device)[0] / med
             r.update(sra_overhead_ratio=med / vanilla["step_s_median"], flop_ratio=flops / vanilla["flops_per_img"])
         vanilla = r
         print(json.dumps(r), flush=True)
-    if args.bench_sample:
+    if args.bench_sample:  # the paper's sampler: SDE (DDPM for DiT) with CFG 1.8 on t in [0, 0.7]
         import sample
-        mode, z, y = "ddpm" if args.family == "DiT" else "sde", torch.randn(B, C, H, W, device=device), torch.arange(B, device=device) % 1000
-        med = median_time(lambda: sample.generate(ema, z, y, mode=mode, num_steps=args.bench_sample, cfg_scale=1.8,
-                                                  guidance_high=0.7), 1, 0, device)[0]
+        z, y, mode = torch.randn(B, C, H, W, device=device), torch.arange(B, device=device) % 1000, \
+            "ddpm" if args.family == "DiT" else "sde"
+        seconds = median_time(lambda: sample.generate(ema, z, y, mode=mode, num_steps=args.bench_sample, cfg_scale=1.8,
+                                                      guidance_high=0.7), 1, 0, device)[0]
         print(json.dumps(dict(model=args.model, sampler=mode, num_steps=args.bench_sample, cfg_scale=1.8, batch=B,
-                              device=name, seconds=med, img_per_s=B / med)), flush=True)
+                              device=name, seconds=seconds, img_per_s=B / seconds)), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line (flags of the official train.py are accepted unchanged)
 
 def parse_args(argv=None):
-    """Parse and validate flags; fills model-dependent defaults (block pair, align weight, precision)."""
+    """Parse and validate the flags; fill the model-dependent defaults (block pair, align weight, precision)."""
     p = argparse.ArgumentParser(description="Train DiT/SiT with Self-Representation Alignment (SRA).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
     # model and objective
-    p.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--path-type", default="linear", choices=["linear", "cosine", "cos"], help="SiT interpolant")
-    p.add_argument("--prediction", default="v", choices=["v"], help="SiT predicts the velocity")
-    p.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="SiT time sampling")
-    p.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
-                   help="predict the variance too (default: on for DiT, off for SiT)")
-    p.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout probability (for CFG)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: inferred from the data")
+    add("--model", default="SiT-XL/2", help=f"one of {', '.join(MODELS)}")
+    add("--path-type", default="linear", choices=["linear", "cosine", "cos"], help="SiT interpolant")
+    add("--prediction", default="v", choices=["v"], help="SiT predicts the velocity")
+    add("--weighting", default="uniform", choices=["uniform", "lognormal"], help="SiT time sampling")
+    add("--learn-sigma", action=argparse.BooleanOptionalAction, help="predict the variance (default: DiT yes, SiT no)")
+    add("--cfg-prob", type=float, default=0.1, help="label dropout probability (for CFG)")
+    add("--num-classes", type=int, default=None, help="default: inferred from the data")
     # SRA
-    p.add_argument("--no-sra", action="store_true", help="vanilla baseline: no teacher, no projector")
-    p.add_argument("--block-out-s", type=int, default=None, help="student block, 1-based (default: paper's)")
-    p.add_argument("--block-out-t", type=int, default=None, help="teacher block, 1-based (default: paper's)")
-    p.add_argument("--t-max", type=float, default=0.2, help="teacher time offset: t' = t - t_max * U(0, 1)")
-    p.add_argument("--loss-type", default="sml1", choices=["sml1", "cos"], help="alignment distance")
-    p.add_argument("--align-weight", type=float, default=None, help="lambda (default 0.2 SiT / 0.04 DiT / 0.5 cos)")
-    p.add_argument("--align-decay-start", type=int, default=149 * 5004,
-                   help="optimizer step after which lambda decays (official: epoch 149 at batch 256)")
-    p.add_argument("--align-decay-steps", type=int, default=1000 * 5004,
-                   help="steps per tenfold decay of lambda (0 = constant)")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA (teacher) decay per step")
+    add("--no-sra", action="store_true", help="vanilla baseline: no teacher, no projector")
+    add("--block-out-s", type=int, default=None, help="student block, 1-based (default: the paper's)")
+    add("--block-out-t", type=int, default=None, help="teacher block, 1-based (default: the paper's)")
+    add("--t-max", type=float, default=0.2, help="teacher time t' = t - t_max * U(0, 1)")
+    add("--loss-type", default="sml1", choices=["sml1", "cos"], help="alignment distance")
+    add("--align-weight", type=float, default=None, help="lambda (default 0.2 SiT / 0.04 DiT / 0.5 cos)")
+    add("--align-decay-start", type=int, default=149 * 5004, help="step after which lambda decays (official: "
+        "epoch 149 at batch 256)")
+    add("--align-decay-steps", type=int, default=1000 * 5004, help="steps per tenfold decay of lambda (0: never)")
+    add("--ema-decay", type=float, default=0.9999, help="EMA (teacher) decay per optimizer step")
     # data
-    p.add_argument("--data-dir", default=None, help="image folder, folder with vae-sd/, or CIFAR-10 root; "
-                   "omit for the built-in shapes")
-    p.add_argument("--dataset", default=None, choices=["builtin", "cifar10", "folder", "latents"],
-                   help="force the data kind (default: from --data-dir)")
-    p.add_argument("--resolution", type=int, default=None, help="image resolution (default 256; 32 built-in/CIFAR)")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    add("--data-dir", default=None, help="image folder, folder holding vae-sd/, or CIFAR-10 root; none: built-in")
+    add("--dataset", choices=["builtin", "cifar10", "folder", "latents"], help="data kind (default: inferred)")
+    add("--resolution", type=int, default=None, help="image resolution (default 256; 32 built-in and CIFAR)")
+    add("--num-workers", type=int, default=4, help="DataLoader workers per process")
     # optimisation
-    p.add_argument("--batch-size", type=int, default=32, help="per process (official: 32 x 8 GPUs)")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=1400)
-    p.add_argument("--max-train-steps", type=int, default=400_000)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--adam-beta1", type=float, default=0.9)
-    p.add_argument("--adam-beta2", type=float, default=0.999)
-    p.add_argument("--adam-weight-decay", type=float, default=0.0)
-    p.add_argument("--adam-epsilon", type=float, default=1e-8)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    add("--batch-size", type=int, default=32, help="per process (the paper: 32 x 8 GPUs)")
+    add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    add("--epochs", type=int, default=1400, help="stop after this many epochs ...")
+    add("--max-train-steps", type=int, default=400_000, help="... or this many optimizer steps")
+    add("--learning-rate", type=float, default=1e-4, help="AdamW, constant")
+    add("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    add("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    add("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     # precision and speed
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                   help="auto = bf16 on GPUs that support it, else fp32")
-    p.add_argument("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    add("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"], help="auto: bf16 if the GPU "
+        "has it, else fp32")
+    add("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--grad-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
     # run, logging, checkpoints
-    p.add_argument("--output-dir", default="exps")
-    p.add_argument("--exp-name", default=None, help="run folder name (default: from the model name)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100, help="steps between log lines / metrics")
-    p.add_argument("--checkpoint-steps", type=int, default=50_000)
-    p.add_argument("--sample-steps", type=int, default=10_000, help="steps between EMA sample grids (0 = never)")
-    p.add_argument("--resume", default=None, help="checkpoint path, or `auto` for the newest in the run folder")
-    p.add_argument("--resume-ckpt", dest="resume", help="alias of --resume (official flag)")
-    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest K step checkpoints (0 = all)")
-    p.add_argument("--keep-every", type=int, default=0, help="never delete checkpoints at multiples of this step")
-    p.add_argument("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
+    add("--output-dir", default="exps", help="runs go to <output-dir>/<exp-name>/")
+    add("--exp-name", default=None, help="run folder name (default: from the model name)")
+    add("--seed", type=int, default=0, help="process seed = seed * world_size + rank")
+    add("--log-every", type=int, default=100, help="steps between log lines and metrics")
+    add("--checkpoint-steps", type=int, default=50_000, help="steps between checkpoints")
+    add("--sample-steps", type=int, default=10_000, help="steps between EMA sample grids (0: never)")
+    add("--resume", "--resume-ckpt", default=None, help="checkpoint path, or `auto`: the newest in the run folder")
+    add("--keep-last", type=int, default=0, help="keep only the newest K step checkpoints (0: all)")
+    add("--keep-every", type=int, default=0, help="never delete checkpoints at multiples of this step")
+    add("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
     # benchmark
-    p.add_argument("--bench", action="store_true", help="time SRA and vanilla steps on synthetic data, print JSON")
-    p.add_argument("--bench-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="input shape for --bench (default: 4 x resolution/8 x resolution/8)")
-    p.add_argument("--bench-steps", type=int, default=0, help="timed steps (default 20 on GPU, 3 on CPU)")
-    p.add_argument("--bench-sample", type=int, default=0, metavar="STEPS",
-                   help="also time SDE sampling with CFG 1.8 for this many steps (the paper: 250)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    p.add_argument("--fault-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # test hook
+    add("--bench", action="store_true", help="time SRA and vanilla steps on synthetic data, print JSON")
+    add("--bench-shape", type=int, nargs=3, metavar=("C", "H", "W"), help="default 4 x resolution/8 x resolution/8")
+    add("--bench-steps", type=int, default=0, help="timed steps (default 20 on GPU, 3 on CPU)")
+    add("--bench-sample", type=int, default=0, metavar="STEPS", help="also time SDE sampling, CFG 1.8 (paper: 250)")
+    add("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    add("--fault-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # test hook: a NaN loss at this step
     args = p.parse_args(argv)
 
     if args.model not in MODELS:
         raise UserError(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
-    args.family = args.model.split("-")[0]
-    args.path_type = "cosine" if args.path_type == "cos" else args.path_type
-    if args.learn_sigma is None:
-        args.learn_sigma = args.family == "DiT"
-    depth = SIZES[args.model.split("-")[1].split("/")[0]][0]
+    args.family, args.path_type = args.model.split("-")[0], "cosine" if args.path_type == "cos" else args.path_type
+    args.learn_sigma = args.family == "DiT" if args.learn_sigma is None else args.learn_sigma
     s, t = default_blocks(args.model)
     args.block_out_s = s if args.block_out_s is None else args.block_out_s
     args.block_out_t = t if args.block_out_t is None else args.block_out_t
+    depth = SIZES[args.model.split("-")[1].split("/")[0]][0]
     for flag, block in (("--block-out-s", args.block_out_s), ("--block-out-t", args.block_out_t)):
         if not 1 <= block <= depth:
             raise UserError(f"{flag} {block} is out of range: {args.model} has blocks 1..{depth}")
@@ -1230,13 +1002,11 @@ def parse_args(argv=None):
         args.align_weight = 0.5 if args.loss_type == "cos" else (0.2 if args.family == "SiT" else 0.04)
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if args.exp_name is None:
-        args.exp_name = args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
+    args.exp_name = args.exp_name or args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
     for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
-
 
 def error_line(e):
     """One line for the user: a worker's re-raised error carries a traceback; keep its last line."""

@@ -212,10 +212,10 @@ def test_ddpm_tables_against_closed_forms():
     expected = (prior_mean / prior_var + lik_scale * -0.7 / lik_var) / (1 / prior_var + lik_scale ** 2 / lik_var)
     assert mean.item() == pytest.approx(expected, rel=1e-9)
     # respacing keeps the alpha-bars of the kept steps
-    sub = d.respace(250)
+    sub = sample.respace(d, 250)
     assert sub.num_timesteps == 250 and sub.timestep_map[0] == 0 and sub.timestep_map[-1] == 999
     assert torch.allclose(sub.alphas_cumprod, d.alphas_cumprod[sub.timestep_map])
-    assert torch.allclose(d.respace(1000).betas, d.betas, rtol=1e-10, atol=0)  # 1000 steps = no respacing
+    assert torch.allclose(sample.respace(d, 1000).betas, d.betas, rtol=1e-10, atol=0)  # 1000 steps = no respacing
 
 
 def test_ddpm_vb_term_is_nonnegative_and_trains_only_the_variance():
@@ -1194,8 +1194,6 @@ def ckpts(tmp_path_factory):
     save("dit_bare", dit.state_dict(), dit)
     sit_repo = tiny_named("SiT-T/4", seed=4, learn_sigma=True)
     save("sit_bare", sit_repo.state_dict(), sit_repo)
-    save("sit_repo_train", dict(model=sit_repo.state_dict(), ema=sit_repo.state_dict(), opt={}, args=argparse.Namespace(
-        model="SiT-T/4", path_type="GVP", prediction="velocity", train_eps=None, num_classes=4)), sit_repo)
     nonull = tiny_named("DiT-T/4", seed=5, class_dropout_prob=0.0)  # no null row: CFG impossible
     save("dit_no_null", dict(model=nonull.state_dict(), ema=nonull.state_dict(), opt={}, step=1,
                              args=ours_args(model="DiT-T/4", family="DiT", cfg_prob=0.0)), nonull)
@@ -1214,7 +1212,6 @@ LAYOUTS = {  # key -> (--model, expected family, path type, wrapped in ReversedS
     "ema_only": ("SiT-T/4", "SiT", "linear", False),
     "dit_bare": ("DiT-T/4", "DiT", "linear", False),
     "sit_bare": ("SiT-T/4", "SiT", "linear", True),
-    "sit_repo_train": (None, "SiT", "cosine", True),
 }
 
 
@@ -1341,7 +1338,7 @@ def test_npz_format_pngs_and_preview(ckpts, tmp_path):
     assert images.std() > 0
     (folder,) = [p for p in glob.glob(str(tmp_path / "*")) if os.path.isdir(p)]
     assert len(glob.glob(os.path.join(folder, "png", "*.png"))) == 10
-    assert len(glob.glob(os.path.join(folder, "parts", "*.npz"))) == 3
+    assert len(glob.glob(os.path.join(folder, "parts-b4", "*.npz"))) == 3
     assert len(glob.glob(str(tmp_path / "*.png"))) == 1  # the preview grid
 
 
@@ -1371,7 +1368,7 @@ def test_resume_redoes_only_missing_batches(ckpts, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit):  # interrupted after its first batch
         run_cli(ckpt, out, *flags, "--fault-stop-after", 1)
-    (parts,) = glob.glob(str(out / "*" / "parts"))
+    (parts,) = glob.glob(str(out / "*" / "parts-b4"))
     assert sorted(os.listdir(parts)) == ["0000000-0000004.npz"] and not glob.glob(str(out / "*.npz"))
     stamp = lambda: {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in os.listdir(parts)}  # noqa: E731
     before = stamp()
@@ -1389,12 +1386,6 @@ def test_resume_redoes_only_missing_batches(ckpts, tmp_path, capsys):
     assert all(stamp()[f] == t for f, t in before.items())
     for a, b in zip(npz_of(tmp_path / "ref"), npz_of(out)):
         assert np.array_equal(a, b)
-
-
-def test_missing_batches_cut_at_index_multiples():
-    parts = [(0, 4, "a"), (5, 8, "b")]
-    assert sample.missing_batches(parts, 13, 4) == [(4, 5), (8, 12), (12, 13)]
-    assert sample.missing_batches([], 10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1483,10 +1474,10 @@ def test_trainer_checkpoint_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("family", ["SiT", "DiT"])
 def test_trainer_sample_grid_calls_generate(family, tmp_path):
-    """The training loop's sample grid (sra.save_training_grid) runs through sample.generate (sde / ddpm)."""
+    """The training loop's sample grid (sample.training_grid) runs through sample.generate (sde / ddpm)."""
     ema = tiny_named(f"{family}-T/4")
     args = argparse.Namespace(num_classes=4, in_channels=3, input_size=8, family=family, path_type="linear",
                               dataset="builtin")
     (tmp_path / "samples").mkdir()
-    sra.save_training_grid(ema, args, 7, torch.device("cpu"), str(tmp_path), print)
+    sample.training_grid(ema, args, 7, torch.device("cpu"), str(tmp_path), print)
     assert (tmp_path / "samples" / "0000007.png").exists()

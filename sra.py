@@ -9,8 +9,7 @@ Run recipes
     python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 3e-4 --ema-decay 0.999 --max-train-steps 2000
     # one GPU, CIFAR-10 in pixel space
     python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128
-    # 8 GPUs, ImageNet 256 latents (the paper; --batch-size is per process: 32 x 8 = 256); two nodes: add
-    # --nnodes=2 --node_rank=$R --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 and halve the batch
+    # 8 GPUs, ImageNet 256 latents (the paper: --batch-size is per process, 32 x 8 = 256); two nodes: README
     torchrun --nproc_per_node=8 sra.py --model SiT-XL/2 --data-dir data/imagenet256 --batch-size 32
     # the benchmark: SRA vs vanilla step time, images/s, MFU
     python sra.py --bench --model SiT-XL/2 --batch-size 32
@@ -25,6 +24,7 @@ Notable choices
 """
 import argparse
 import contextlib
+from collections import OrderedDict
 import functools
 import glob
 import itertools
@@ -48,21 +48,11 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Embedders: patches, timesteps, labels, positions (SPEC §2)
+# Embedders: timesteps and positions (SPEC §2)
 
 def modulate(x, shift, scale):
     """adaLN: LN(x) * (1 + scale) + shift, one (shift, scale) per sample, broadcast over tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> D-dim tokens (a strided conv)."""
-
-    def __init__(self, patch_size, in_channels, hidden_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D), row-major tokens
 
 class TimestepEmbedder(nn.Module):
     """Scalar time -> 256-dim [cos, sin] sinusoid -> MLP -> D."""
@@ -83,18 +73,6 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
-
-class LabelEmbedder(nn.Module):
-    """Class label -> D. Row `num_classes` is the null class of classifier-free guidance.
-
-    Label dropout happens in the training step, not here, so the teacher sees the same dropped labels."""
-
-    def __init__(self, num_classes, hidden_size, dropout_prob):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
-
-    def forward(self, y):
-        return self.embedding_table(y)  # (N, D)
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
     """MAE-style fixed 2D sin-cos table (T, D), in float64: [0, D/2) encodes the column, [D/2, D) the row,
@@ -125,15 +103,10 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D/heads): flash kernels on GPU
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
 
-class Mlp(nn.Module):
-    """Linear(D, 4D) -> GELU(tanh) -> Linear(4D, D)."""
-
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden_dim), nn.GELU(approximate="tanh"), nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+def mlp(dim, hidden_dim, act, names):
+    """Linear -> act -> Linear as an nn.Sequential whose layers carry the released checkpoints' names."""
+    return nn.Sequential(OrderedDict([(names[0], nn.Linear(dim, hidden_dim)), ("act", act),
+                                      (names[1], nn.Linear(hidden_dim, dim))]))
 
 class Block(nn.Module):
     """Transformer block with adaLN-Zero conditioning: c gives shift, scale and gate for both branches."""
@@ -143,7 +116,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio), nn.GELU(approximate="tanh"), ("fc1", "fc2"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):
@@ -164,17 +137,6 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
 
-class Projector(nn.Module):
-    """SRA's projector on the student features: Linear(D, 2D) -> SiLU -> Linear(2D, D) (Sec. 3.2)."""
-
-    def __init__(self, hidden_size):
-        super().__init__()
-        self.linear1, self.act, self.linear2 = nn.Linear(hidden_size, 2 * hidden_size), nn.SiLU(), \
-            nn.Linear(2 * hidden_size, hidden_size)
-
-    def forward(self, x):
-        return self.linear2(self.act(self.linear1(x)))
-
 class DiT(nn.Module):
     """The transformer of DiT and SiT, with the parameter names of the released checkpoints. `model(x, t, y)`
     -> (N, C_out, H, W); with `block_out_s` also the projected hidden state after that block (SRA student).
@@ -189,14 +151,18 @@ class DiT(nn.Module):
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma, self.num_classes, self.depth, self.hidden_size = learn_sigma, num_classes, depth, hidden_size
         self.grad_checkpointing = False
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        conv = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)  # p x p patches -> D
+        self.x_embedder = nn.Sequential(OrderedDict(proj=conv))  # named as in the released checkpoints
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # label -> D; row `num_classes` is CFG's null class (labels are dropped in training_losses, not here)
+        table = nn.Embedding(num_classes + int(class_dropout_prob > 0), hidden_size)
+        self.y_embedder = nn.Sequential(OrderedDict(embedding_table=table))
         num_patches = (input_size // patch_size) ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)  # fixed
         self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.ap_head = Projector(hidden_size) if projector else None
+        # SRA's projector on the student features: Linear(D, 2D) -> SiLU -> Linear(2D, D) (Sec. 3.2)
+        self.ap_head = mlp(hidden_size, 2 * hidden_size, nn.SiLU(), ("linear1", "linear2")) if projector else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -210,9 +176,8 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv as a Linear over flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for w in (self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight):
+            nn.init.normal_(w, std=0.02)
         zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
                                                                   self.final_layer.linear]
         for layer in zeroed:  # adaLN-Zero
@@ -227,7 +192,8 @@ class DiT(nn.Module):
 
     def embed(self, x, t, y):
         """Tokens (N, T, D) and the conditioning c = t_emb + y_emb (N, D)."""
-        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D), row-major
+        return tokens + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
 
     def forward(self, x, t, y, block_out_s=None):
         x, c = self.embed(x, t, y)  # (N, T, D), (N, D)
@@ -539,12 +505,10 @@ def cifar10(root):
     import torchvision.transforms as T
     transform = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
     for download in (False, True):
-        try:
+        with contextlib.suppress(Exception):
             return torchvision.datasets.CIFAR10(root, train=True, download=download, transform=transform)
-        except Exception as e:
-            error = e
-    raise UserError(f"CIFAR-10 is not in {root} and could not be downloaded ({type(error).__name__}): put "
-                    f"cifar-10-batches-py/ there or run once online")
+    raise UserError(f"CIFAR-10 is not in {root} and could not be downloaded: put cifar-10-batches-py/ there or "
+                    f"run once online")
 
 def build_dataset(args):
     """The data source named by --dataset/--data-dir; sets args.num_classes, in_channels and input_size."""
@@ -949,7 +913,7 @@ def parse_args(argv=None):
     add("--data-dir", default=None, help="image folder, folder holding vae-sd/, or CIFAR-10 root; none: built-in")
     add("--dataset", choices=["builtin", "cifar10", "folder", "latents"], help="data kind (default: inferred)")
     add("--resolution", type=int, default=None, help="image resolution (default 256; 32 built-in and CIFAR)")
-    add("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    add("--num-workers", type=int, default=min(4, (os.cpu_count() or 2) // 2), help="DataLoader workers per process")
     # optimisation
     add("--batch-size", type=int, default=32, help="per process (the paper: 32 x 8 GPUs)")
     add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")

@@ -51,7 +51,6 @@ def randn_like(x, generator=None):
 
 def sample_inputs(indices, global_seed, num_classes, shape):
     """Per-sample streams seeded (global_seed, index) -> z (N, C, H, W), uniform labels y (N,), generators.
-
     Each stream draws its label, then its noise z, then (in the sampler) that sample's SDE/DDPM step noise."""
     gens = [torch.Generator().manual_seed((global_seed & 0xFFFFFFFF) << 32 | i) for i in indices]
     y = torch.stack([torch.randint(num_classes, (), generator=g) for g in gens])  # (N,)
@@ -63,23 +62,19 @@ def sample_inputs(indices, global_seed, num_classes, shape):
 # Samplers (SPEC §7). Each takes a function of (x, t): the tests pass exact closed-form fields.
 
 def sample_ode(velocity, x, num_steps, heun=False):
-    """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) on linspace(1, 0, N+1), state in float64.
-
+    """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) on linspace(1, 0, N+1), state in float64:
     Euler, or Heun (2nd order) whose correction is skipped on the last step (it would evaluate v at t = 0)."""
     t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = x.to(torch.float64)  # (N, C, H, W)
     for i in range(num_steps):
         dt = t[i + 1] - t[i]  # negative: we run backwards in time
         d_cur = velocity(x, t[i])
-        x_next = x + dt * d_cur
-        if heun and i < num_steps - 1:
-            x_next = x + dt * 0.5 * (d_cur + velocity(x_next, t[i + 1]))  # trapezoid with the Euler guess
-        x = x_next
+        x_euler = x + dt * d_cur
+        x = x + dt * 0.5 * (d_cur + velocity(x_euler, t[i + 1])) if heun and i < num_steps - 1 else x_euler
     return x
 
 def sample_sde(velocity, x, num_steps, path_type="linear", generator=None):
     """Euler-Maruyama for dx = [v - w/2 * score] dt + sqrt(w) dW, w(t) = 2t, on linspace(1, 0.04, N) then 0.
-
     The first N-1 steps add noise; the last step, to t = 0, is the deterministic mean (SPEC §7)."""
     t = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     x = x.to(torch.float64)  # (N, C, H, W)
@@ -109,7 +104,6 @@ def respace(diffusion, num_steps):
 
 def sample_ddpm(eps_model, x, num_steps, generator=None):
     """Ancestral DDPM sampling on `num_steps` evenly spaced steps of the 1000-step schedule (SPEC §4).
-
     eps_model(x, step) gets the original step index (0..999) and returns eps (N, C, H, W), or eps and the
     learned-range value (N, 2C, H, W); no noise is added on the last step. 1000 steps = no respacing."""
     diffusion = respace(sra.GaussianDiffusion.linear(), num_steps)
@@ -126,7 +120,6 @@ def sample_ddpm(eps_model, x, num_steps, generator=None):
 
 def model_fn(model, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, ddpm=False):
     """The function a sampler calls: f(x, t) -> velocity (N, C, H, W), or with ddpm=True eps [+ variance].
-
     CFG v = v_u + w (v_c - v_u) on all C channels while guidance_low <= t <= guidance_high (DDPM: t = step /
     1000); DiT's variance channels stay conditional. cfg_scale 1 runs no unconditional pass at all."""
     C, dtype = model.in_channels, next(model.parameters()).dtype
@@ -164,19 +157,14 @@ class ReversedSiT(nn.Module):
 def generate(model, z, y, *, mode, num_steps, path_type="linear", cfg_scale=1.0, guidance_low=0.0,
              guidance_high=1.0, heun=False, generator=None):
     """Samples (N, C, H, W) float32 in model space from noise z and labels y (N,).
-
     mode: "ode" (Euler, or Heun with heun=True), "sde" (Euler-Maruyama) for SiT velocity models; "ddpm" for
     DiT eps models. generator: one torch.Generator, a list of one per sample, or None (global RNG)."""
     f = model_fn(model, y, cfg_scale, guidance_low, guidance_high, ddpm=mode == "ddpm")
-    if mode == "ode":
-        x = sample_ode(f, z, num_steps, heun)
-    elif mode == "sde":
-        x = sample_sde(f, z, num_steps, path_type, generator)
-    elif mode == "ddpm":
-        x = sample_ddpm(f, z, num_steps, generator)
-    else:
+    samplers = dict(ode=lambda: sample_ode(f, z, num_steps, heun), ddpm=lambda: sample_ddpm(f, z, num_steps, generator),
+                    sde=lambda: sample_sde(f, z, num_steps, path_type, generator))
+    if mode not in samplers:
         raise sra.UserError(f"unknown sampling mode {mode!r}: use sde, ode or ddpm")
-    return x.float()
+    return samplers[mode]().float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,19 +193,23 @@ def save_image_grid(images, path, nrow):
         grid[i // nrow * H:(i // nrow + 1) * H, i % nrow * W:(i % nrow + 1) * W] = image
     Image.fromarray(grid).save(path)
 
-def training_grid(ema, args, step, device, run_dir, log):
-    """A PNG grid from the EMA, 4 images for each of the first 10 classes, from fixed noise."""
-    classes = min(args.num_classes, 10)
-    z = torch.randn((4 * classes, args.in_channels, args.input_size, args.input_size),
+def save_grid(model, path, device, vae=None, **settings):
+    """One PNG from fixed noise (seed 0): 4 rows, a column for each of the first 10 classes."""
+    k = min(model.num_classes, 10)
+    z = torch.randn((4 * k, model.in_channels, model.input_size, model.input_size),
                     generator=torch.Generator().manual_seed(0)).to(device)
-    x = generate(ema, z, torch.arange(classes, device=device).repeat(4), num_steps=50,
-                        mode="ddpm" if args.family == "DiT" else "sde", path_type=args.path_type,
-                        generator=torch.Generator(device).manual_seed(0))
+    x = generate(model, z, torch.arange(k, device=device).repeat(4), generator=torch.Generator(device).manual_seed(0),
+                 **settings)
+    save_image_grid(to_images(x, vae), path, nrow=k)
+
+def training_grid(ema, args, step, device, run_dir, log):
+    """The trainer's sample grid at `step`: the EMA, 50 SDE (DiT: DDPM) steps, no guidance."""
     try:
         vae = load_vae("ema", device) if args.dataset == "latents" else None
     except Exception as e:  # no diffusers or no internet: training goes on without grids
         return log(f"skipping the sample grid at step {step}: cannot decode latents ({sra.error_line(e)})")
-    save_image_grid(to_images(x, vae), os.path.join(run_dir, "samples", f"{step:07d}.png"), nrow=classes)
+    save_grid(ema, os.path.join(run_dir, "samples", f"{step:07d}.png"), device, vae, num_steps=50,
+              mode="ddpm" if args.family == "DiT" else "sde", path_type=args.path_type)
     log(f"saved sample grid samples/{step:07d}.png")
 
 
@@ -255,7 +247,6 @@ META_INIT_PARAMS = 20_000_000  # bigger models are built on the meta device (an 
 
 def load_model(path, model_name=None, use_raw_model=False):
     """Build the network a checkpoint holds, on the CPU in eval mode -> (model, info).
-
     info: model (name), family (SiT/DiT), path_type, layout. Sizes, learn_sigma and the class count come from
     the tensor shapes; a bare SiT state dict is taken to be the SiT repo's and wrapped in ReversedSiT."""
     ckpt = read_checkpoint(path)
@@ -342,7 +333,6 @@ def main(args):
         os.remove(os.path.join(args.sample_dir, f".write-test-{rank}"))
     except OSError as e:
         raise sra.UserError(f"cannot write to --sample-dir {args.sample_dir}: {e.strerror or e}") from None
-
     model, info = load_model(args.ckpt, args.model, args.use_raw_model)
     model = model.to(device)
     family, C, size = info["family"], model.in_channels, model.input_size
@@ -366,21 +356,15 @@ def main(args):
     log(f"{info['model']} ({info['layout']}, {model.num_classes} classes, {resolution}px) from {args.ckpt}: "
         + ", ".join(f"{k} {v}" for k, v in settings.items()))
 
-    def make_images(start, end, labels=None):
+    def make_images(start, end):
         """uint8 images (n, H, W, 3) and labels (n,) of the samples with global indices start..end-1."""
         z, y, gens = sample_inputs(range(start, end), args.global_seed, model.num_classes, (C, size, size))
-        y = y if labels is None else labels
-        x = generate(model, z.to(device), y.to(device), generator=gens, **settings)
-        return to_images(x, vae), y.numpy()
+        return to_images(generate(model, z.to(device), y.to(device), generator=gens, **settings), vae), y.numpy()
 
-    if args.grid:  # one PNG: column k shows class k, 4 rows; no .npz
-        if rank == 0:
-            k = min(model.num_classes, 10)
-            images, _ = make_images(0, 4 * k, labels=torch.arange(k).repeat(4))
-            path = os.path.join(args.sample_dir, f"{name}-grid.png")
-            save_image_grid(images, path, nrow=k)
-            log(f"wrote {path}")
-    else:
+    if args.grid and rank == 0:  # one PNG, a column per class; no .npz
+        save_grid(model, os.path.join(args.sample_dir, f"{name}-grid.png"), device, vae, **settings)
+        log(f"wrote {os.path.join(args.sample_dir, f'{name}-grid.png')}")
+    elif not args.grid:
         N, B = args.num_fid_samples, args.per_proc_batch_size
         parts_dir = os.path.join(args.sample_dir, name, f"parts-b{B}")  # batches: [kB, (k+1)B) of the indices
         os.makedirs(parts_dir, exist_ok=True)

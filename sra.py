@@ -730,8 +730,8 @@ def main(args):
 
     epoch = step * accum // micro_per_epoch
     data = batches(*divmod(step * accum, micro_per_epoch))
-    if args.compile:
-        model = torch.compile(model)
+    if args.compile:  # where compiling fails, dynamo falls back to eager with a warning
+        torch._dynamo.config.suppress_errors, model = True, torch.compile(model)
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     model.train()

@@ -6,7 +6,7 @@ version of the same image. No external encoder is needed.
 
 Run recipes
     # minutes on a CPU: the built-in procedural data (no download)
-    python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 3e-4 --ema-decay 0.999 --max-train-steps 2000
+    python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 3e-4 --ema-decay 0.995 --max-train-steps 2000
     # one GPU, CIFAR-10 in pixel space
     python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128
     # 8 GPUs, ImageNet 256 latents (the paper: --batch-size is per process, 32 x 8 = 256); two nodes: README
@@ -24,7 +24,6 @@ Notable choices
 """
 import argparse
 import contextlib
-from collections import OrderedDict
 import functools
 import glob
 import itertools
@@ -34,6 +33,7 @@ import os
 import signal
 import sys
 import time
+from collections import OrderedDict
 from datetime import timedelta
 
 import numpy as np
@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
@@ -866,6 +867,8 @@ def bench(args):
         if not args.no_sra:  # where the SRA step's time goes: teacher forward, EMA update, optimizer step
             x, t, y = torch.randn(B, C, H, W, device=device), torch.rand(B, device=device), torch.zeros(B, device=device).long()
             teacher = torch.no_grad()(autocast(lambda: ema.forward_features(x, t, y, args.block_out_t)))
+            for p in opt.param_groups[0]["params"]:  # zero_grad dropped the gradients: AdamW would skip them
+                p.grad = torch.zeros_like(p)
             for part, fn in (("teacher", teacher), ("ema", lambda: update_ema(*pairs, args.ema_decay)),
                              ("optimizer", opt.step)):
                 r[f"{part}_frac"] = median_time(fn, steps, 1, device)[0] / med

@@ -14,7 +14,7 @@ arr_1 = int64 class labels (N,). Run the same command again to resume an interru
 
 Notable choices
     * SRA time: t = 1 noise -> t = 0 data. Weights from the SiT repo (t = 0 noise) are wrapped as
-      v(x, t) = -f(x, 1 - t)[:, :C] (SPEC §3), so one set of ODE/SDE samplers serves every SiT.
+      v(x, t) = -f(x, 1 - t)[:, :C], so one set of ODE/SDE samplers serves every SiT.
     * CFG guides all C channels (not DiT's 3 of 4); a learned-variance DiT keeps its conditional variance
       channels. The null label is the checkpoint's num_classes, never a hard-coded 1000.
     * Every sample owns a random stream seeded from (--global-seed, its index): label, then noise, then the
@@ -59,7 +59,7 @@ def sample_inputs(indices, global_seed, num_classes, shape):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Samplers (SPEC §7). Each takes a function of (x, t): the tests pass exact closed-form fields.
+# Samplers. Each takes a function of (x, t): the tests pass exact closed-form fields.
 
 def sample_ode(velocity, x, num_steps, heun=False):
     """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) on linspace(1, 0, N+1), state in float64:
@@ -75,7 +75,7 @@ def sample_ode(velocity, x, num_steps, heun=False):
 
 def sample_sde(velocity, x, num_steps, path_type="linear", generator=None):
     """Euler-Maruyama for dx = [v - w/2 * score] dt + sqrt(w) dW, w(t) = 2t, on linspace(1, 0.04, N) then 0.
-    The first N-1 steps add noise; the last step, to t = 0, is the deterministic mean (SPEC §7)."""
+    The first N-1 steps add noise; the last step, to t = 0, is the deterministic mean."""
     t = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     x = x.to(torch.float64)  # (N, C, H, W)
     for i in range(num_steps):
@@ -103,7 +103,7 @@ def respace(diffusion, num_steps):
                                  timestep_map=diffusion.timestep_map[keep])
 
 def sample_ddpm(eps_model, x, num_steps, generator=None):
-    """Ancestral DDPM sampling on `num_steps` evenly spaced steps of the 1000-step schedule (SPEC §4).
+    """Ancestral DDPM sampling on `num_steps` evenly spaced steps of the 1000-step schedule.
     eps_model(x, step) gets the original step index (0..999) and returns eps (N, C, H, W), or eps and the
     learned-range value (N, 2C, H, W); no noise is added on the last step. 1000 steps = no respacing."""
     diffusion = respace(sra.GaussianDiffusion.linear(), num_steps)

@@ -49,7 +49,7 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Embedders: timesteps and positions (SPEC §2)
+# Embedders: timesteps and positions
 
 def modulate(x, shift, scale):
     """adaLN: LN(x) * (1 + scale) + shift, one (shift, scale) per sample, broadcast over tokens."""
@@ -87,7 +87,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The transformer: adaLN-Zero blocks, final layer, projector, model table (SPEC §2)
+# The transformer: adaLN-Zero blocks, final layer, projector, model table
 
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, via scaled_dot_product_attention."""
@@ -162,7 +162,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)  # fixed
         self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        # SRA's projector on the student features: Linear(D, 2D) -> SiLU -> Linear(2D, D) (Sec. 3.2)
+        # SRA's projector on the student features: Linear(D, 2D) -> SiLU -> Linear(2D, D)
         self.ap_head = mlp(hidden_size, 2 * hidden_size, nn.SiLU(), ("linear1", "linear2")) if projector else None
         self.initialize_weights()
 
@@ -205,7 +205,7 @@ class DiT(nn.Module):
             else:
                 x = block(x, c)  # (N, T, D)
             if i == block_out_s:
-                features = self.ap_head(x)  # SRA student: projected hidden state after block s (Eq. 4)
+                features = self.ap_head(x)  # SRA student: projected hidden state after block s
         x = self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)
         return x if block_out_s is None else (x, features)
 
@@ -241,7 +241,7 @@ def default_blocks(model_name):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Objectives: SiT interpolants (SPEC §3) and the DDPM of DiT (SPEC §4)
+# Objectives: SiT interpolants and the DDPM of DiT
 
 def mean_flat(x):
     """Mean over every axis but the batch axis."""
@@ -338,7 +338,7 @@ class GaussianDiffusion:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The EMA teacher and the SRA loss (SPEC §5)
+# The EMA teacher and the SRA loss
 
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay=0.9999):
@@ -347,7 +347,7 @@ def update_ema(ema_params, model_params, decay=0.9999):
     torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
 
 def align_loss(student, teacher, loss_type="sml1"):
-    """SRA distance between projected student tokens and teacher tokens (Eq. 5), in fp32; and the mean
+    """SRA distance between projected student tokens and teacher tokens, in fp32; and the mean
     per-token cosine similarity (logged). `cos` is per token over the feature axis (the official code's
     cosine_similarity(dim=1) ran over the token axis)."""
     student, teacher = student.float(), teacher.float()  # (N, T, D); fp16 normalisation can give NaNs
@@ -360,7 +360,7 @@ def align_weight(step, weight, decay_start, decay_steps):
     return weight * 0.1 ** (max(0, step - decay_start) / decay_steps) if decay_steps > 0 else weight
 
 def training_losses(model, ema, x, y, args, diffusion, generator):
-    """One batch: the student's denoising loss and the SRA alignment to the EMA teacher (Eq. 6).
+    """One batch: the student's denoising loss and the SRA alignment to the EMA teacher.
 
     Draws, in order, from `generator`: label dropout, noise, student time, teacher time offset."""
     N, device = x.shape[0], x.device
@@ -370,7 +370,7 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
     if args.family == "SiT":
         t = sample_time(N, args.weighting, args.path_type, device, generator)
         alpha, sigma, d_alpha, d_sigma = interpolant(t.view(-1, 1, 1, 1), args.path_type)
-        x_t, target = alpha * x + sigma * noise, d_alpha * x + d_sigma * noise  # Eq. 1 and the velocity
+        x_t, target = alpha * x + sigma * noise, d_alpha * x + d_sigma * noise  # x_t and the velocity target
         t_teacher = (t - args.t_max * torch.rand(N, device=device, generator=generator)).clamp(0, 1)  # t' <= t
         alpha_t, sigma_t, _, _ = interpolant(t_teacher.view(-1, 1, 1, 1), args.path_type)
         x_teacher = alpha_t * x + sigma_t * noise  # the same image and noise, less of it
@@ -385,7 +385,7 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
         output, align, cos = model(x_t, t, y), x.new_zeros(()), x.new_zeros(())
     else:
         output, student = model(x_t, t, y, block_out_s=args.block_out_s)  # (N, C_out, H, W), (N, T, D)
-        with torch.no_grad():  # stop-gradient: the EMA teacher is never trained (Sec. 3.2)
+        with torch.no_grad():  # stop-gradient: the EMA teacher is never trained
             teacher = ema.forward_features(x_teacher, t_teacher, y, args.block_out_t)  # (N, T, D)
         align, cos = align_loss(student, teacher, args.loss_type)
     if args.family == "SiT":
@@ -396,7 +396,7 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents (SPEC §6)
+# Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents
 
 class ShapesDataset(Dataset):
     """Built-in data: 10 classes of coloured shapes (disc, square, triangle, ring, cross, h-stripes, v-stripes,
@@ -518,17 +518,18 @@ def build_dataset(args):
     if kind in ("latents", "folder") and not (args.data_dir and os.path.isdir(args.data_dir)):
         raise UserError(f"data folder {args.data_dir!r} does not exist: pass --data-dir, or omit it for the "
                         f"built-in data")
-    args.resolution = args.resolution or (32 if kind in ("builtin", "cifar10") else 256)
+    args.resolution = R = args.resolution or (32 if kind in ("builtin", "cifar10") else 256)
     if kind == "latents":
-        if args.resolution % 8:
-            raise UserError(f"--resolution {args.resolution} is not divisible by 8 (the SD-VAE downsamples by 8)")
-        dataset, args.in_channels, args.input_size = LatentDataset(args.data_dir, args.resolution), 4, args.resolution // 8
+        if R % 8:
+            raise UserError(f"--resolution {R} is not divisible by 8 (the SD-VAE downsamples by 8)")
+        dataset, shape = LatentDataset(args.data_dir, R), (4, R // 8)  # (channels, input size) of the model
     elif kind == "folder":
-        dataset, args.in_channels, args.input_size = ImageFolderDataset(args.data_dir, args.resolution), 3, args.resolution
+        dataset, shape = ImageFolderDataset(args.data_dir, R), (3, R)
     elif kind == "cifar10":
-        dataset, args.in_channels, args.input_size = cifar10(args.data_dir or "data/cifar10"), 3, 32
+        dataset, shape = cifar10(args.data_dir or "data/cifar10"), (3, 32)
     else:
-        dataset, args.in_channels, args.input_size = ShapesDataset(args.resolution), 3, args.resolution
+        dataset, shape = ShapesDataset(R), (3, R)
+    args.in_channels, args.input_size = shape
     inferred = getattr(dataset, "num_classes", 10)
     if (args.num_classes or inferred) < inferred:
         raise UserError(f"--num-classes {args.num_classes} is smaller than the {inferred} classes in the data")
@@ -652,7 +653,7 @@ def train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, genera
         with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():  # one grad sync a step
             with autocast:
                 denoise, align, cos = training_losses(model, ema, x, y, args, diffusion, generator)
-                loss = (denoise + weight * align) / accum  # Eq. 6: L = L_denoise + lambda * L_align
+                loss = (denoise + weight * align) / accum  # L = L_denoise + lambda * L_align
             loss = loss * float("nan") if nan else loss  # test hook (--fault-nan-at)
             scaler.scale(loss).backward()
         sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
@@ -865,7 +866,7 @@ def bench(args):
                  peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
                  flops_per_img=flops, tflops=flops * B / med / 1e12, mfu=flops * B / med / 1e12 / peak if peak else None)
         if not args.no_sra:  # where the SRA step's time goes: teacher forward, EMA update, optimizer step
-            x, t, y = torch.randn(B, C, H, W, device=device), torch.rand(B, device=device), torch.zeros(B, device=device).long()
+            (x, y), t = (v.to(device) for v in next(data)[1]), torch.rand(B, device=device)
             teacher = torch.no_grad()(autocast(lambda: ema.forward_features(x, t, y, args.block_out_t)))
             for p in opt.param_groups[0]["params"]:  # zero_grad dropped the gradients: AdamW would skip them
                 p.grad = torch.zeros_like(p)

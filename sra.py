@@ -613,11 +613,11 @@ def find_resume_checkpoint(run_dir, log):
     log(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
     return None, None
 
-def prune_checkpoints(run_dir, keep_last, keep_every, current=None):
+def prune_checkpoints(run_dir, keep_last, keep_every, current):
     """Delete all but the newest `keep_last` step checkpoints up to step `current` (the one just written),
     sparing multiples of `keep_every`; a newer, unreadable file never pushes the fresh one out."""
     steps = {path: int(os.path.basename(path)[:-3]) for path in list_checkpoints(run_dir)}
-    older = [path for path, step in steps.items() if current is None or step <= current]  # newest first
+    older = [path for path, step in steps.items() if step <= current]  # newest first
     for path in older[keep_last:]:
         if not (keep_every and steps[path] % keep_every == 0):
             os.remove(path)
@@ -730,8 +730,8 @@ def main(args):
             yield from ((epoch, batch) for batch in loader)
             epoch, skip = epoch + 1, 0
 
-    epoch = step * accum // micro_per_epoch
-    data = batches(*divmod(step * accum, micro_per_epoch))
+    epoch, skip = divmod(step * accum, micro_per_epoch)  # the resume position
+    data = batches(epoch, skip)
     if args.compile:  # where compiling fails, dynamo falls back to eager with a warning
         torch._dynamo.config.suppress_errors, model = True, torch.compile(model)
     if ddp:
@@ -852,7 +852,8 @@ def bench(args):
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     data = itertools.repeat((0, (torch.randn(B, C, H, W), torch.randint(0, 1000, (B,)))))
     steps, diffusion = args.bench_steps or (20 if device.type == "cuda" else 3), GaussianDiffusion.linear()
-    for args.no_sra in (True, False):  # the vanilla step first: the SRA one reports its ratio to it
+    for no_sra in (True, False):  # the vanilla step first: the SRA one reports its ratio to it
+        args.no_sra = no_sra  # build() and train_step() read it from args
         model, ema, pairs, opt, scaler = build(args, device)
         net, sums = torch.compile(model) if args.compile else model, torch.zeros(5, device=device)
         generator = torch.Generator(device).manual_seed(0)

@@ -1131,25 +1131,57 @@ def test_ddpm_reaches_target_distribution(learned_range):
     assert errs[1] < errs[0] and errs[1] < 0.02, errs
 
 
-def test_reversed_sit_convention():
-    """A SiT-repo field (t = 0 noise, t = 1 data, velocity x0 - eps, 2C outputs) samples right once wrapped."""
-    class SiTRepoToy(torch.nn.Module):  # exact E[x0 - eps | x] for x = tau x0 + (1 - tau) eps
-        in_channels, num_classes, input_size = 1, 4, 4
+def test_respace_keeps_dit_steps_for_every_count():
+    """respace keeps DiT's space_timesteps(1000, [K]) for every K: a float stride (999 / (K - 1)) added up
+    step by step, each partial sum rounded; the kept steps keep their alpha-bars."""
+    base = sra.GaussianDiffusion.linear()
+    for K in range(1, 1001):
+        stride = 999 / (K - 1) if K > 1 else 1
+        position, want = 0.0, []
+        for _ in range(K):
+            want.append(round(position))
+            position += stride
+        respaced = sample.respace(base, K)
+        assert respaced.timestep_map.tolist() == want, K
+    assert torch.allclose(respaced.alphas_cumprod, base.alphas_cumprod, rtol=1e-12)  # K = 1000: unchanged
+    respaced = sample.respace(base, 21)  # one of the counts where round(i * 999 / 20) differs
+    assert torch.allclose(respaced.alphas_cumprod, base.alphas_cumprod[respaced.timestep_map], rtol=1e-12)
 
-        def __init__(self):
-            super().__init__()
-            self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
 
-        def forward(self, x, tau, y):
-            tau = tau.double().view(-1, 1, 1, 1)
-            var = tau ** 2 * S ** 2 + (1 - tau) ** 2
-            x0, eps = M + tau * S ** 2 * (x - tau * M) / var, (1 - tau) * (x - tau * M) / var
-            return torch.cat([x0 - eps, torch.full_like(x, 7.0)], dim=1)  # junk "sigma" channels
+class SiTRepoToy(torch.nn.Module):
+    """The SiT repository's exact velocity of the toy (t = 0 noise, t = 1 data, 2C outputs):
+    x = a x0 + s eps with (a, s) = (t, 1 - t) on its Linear path, (sin(pi t/2), cos(pi t/2)) on GVP."""
+    in_channels, num_classes, input_size = 1, 4, 4
 
-    z = torch.randn(1000, 1, 4, 4, generator=torch.Generator().manual_seed(5))
-    x = sample.generate(sample.ReversedSiT(SiTRepoToy()), z, torch.zeros(1000, dtype=torch.long), mode="ode",
-                        num_steps=100, heun=True)
-    assert (x - (M + S * z)).abs().max() < 1e-3
+    def __init__(self, path_type):
+        super().__init__()
+        self.path_type = path_type
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x, tau, y):
+        tau = tau.double().view(-1, 1, 1, 1)
+        if self.path_type == "Linear":
+            a, s, d_a, d_s = tau, 1 - tau, torch.ones_like(tau), -torch.ones_like(tau)
+        else:
+            h = math.pi / 2
+            a, s, d_a, d_s = torch.sin(h * tau), torch.cos(h * tau), h * torch.cos(h * tau), -h * torch.sin(h * tau)
+        var = a ** 2 * S ** 2 + s ** 2
+        x0, eps = M + a * S ** 2 * (x - a * M) / var, s * (x - a * M) / var
+        return torch.cat([d_a * x0 + d_s * eps, torch.full_like(x, 7.0)], dim=1)  # junk "sigma" channels
+
+
+@pytest.mark.parametrize("sit_path, path_type", [("Linear", "linear"), ("GVP", "cosine")])
+def test_reversed_sit_convention(sit_path, path_type):
+    """A SiT-repo field, wrapped, samples right: the ODE reaches the exact transport, and the SDE, whose
+    score needs our path, reaches the toy with SiT's Linear read as linear and its GVP as cosine."""
+    model = sample.ReversedSiT(SiTRepoToy(sit_path))
+    z = torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    y = torch.zeros(4000, dtype=torch.long)
+    x = sample.generate(model, z[:500], y[:500], mode="ode", num_steps=100, heun=True)
+    assert (x - (M + S * z[:500])).abs().max() < 1e-3
+    x = sample.generate(model, z, y, mode="sde", num_steps=100, path_type=path_type,
+                        generator=torch.Generator().manual_seed(6))
+    assert moment_error(x) < 0.02
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1170,42 +1202,56 @@ def backbone(state):
 
 
 def ours_args(**kw):
-    args = vars(sra.parse_args(["--model", "SiT-T/4"]))
-    args.update(in_channels=3, input_size=8, num_classes=4, dataset="builtin", resolution=8, **kw)
-    return args
+    """The args entries of an sra.py checkpoint that sample.py reads."""
+    return {**dict(model="SiT-T/4", path_type="linear", num_classes=4, resolution=8), **kw}
+
+
+def sit_repo_args(path_type="Linear", prediction="velocity"):
+    """The argparse.Namespace that the SiT repository's train.py stores in its checkpoints."""
+    return argparse.Namespace(
+        data_path="/data/imagenet/train", results_dir="results", model="SiT-T/4", image_size=64, num_classes=4,
+        epochs=1400, global_batch_size=256, global_seed=0, vae="ema", num_workers=4, log_every=100,
+        ckpt_every=50_000, sample_every=10_000, cfg_scale=4.0, wandb=False, ckpt=None, path_type=path_type,
+        prediction=prediction, loss_weight=None, sample_eps=None, train_eps=None)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Checkpoint files of each layout, with the networks they should load into."""
     d = tmp_path_factory.mktemp("ckpts")
-    raw, ema = tiny_named(seed=1, projector=True), tiny_named(seed=2)
+    raw, ema = tiny_named(seed=1), tiny_named(seed=2)
     files = {}
 
     def save(key, obj, expected):
         files[key] = (str(d / f"{key}.pt"), expected)
         torch.save(obj, files[key][0])
 
-    save("ours", dict(model=raw.state_dict(), ema=ema.state_dict(), opt={}, scaler={}, args=ours_args(), step=2,
-                      epoch=0, rng=[]), ema)
+    projector = {"ap_head.linear1.weight": torch.randn(384, 192), "ap_head.linear2.weight": torch.randn(192, 384)}
+    save("ours", dict(model={**raw.state_dict(), **projector}, ema=ema.state_dict(), opt={}, scaler={},
+                      args=ours_args(), step=2, epoch=0, rng=[]), ema)
     projectors = {"projectors.0.0.weight": torch.randn(8, 192)}
     namespace = argparse.Namespace(model="SiT-T/4", path_type="cosine", num_classes=4, resolution=8, encoder_depth=3)
-    save("official_sra", dict(model=raw.state_dict(), ema=raw.state_dict(), opt={}, args=namespace, steps=5), raw)
-    save("official_repa", dict(model={**backbone(raw.state_dict()), **projectors},
-                               ema={**backbone(raw.state_dict()), **projectors}, opt={}, args=namespace, steps=5), raw)
+    save("official_sra", dict(model=raw.state_dict(), ema={**raw.state_dict(), **projector}, opt={}, args=namespace,
+                              steps=5), raw)
+    save("official_repa", dict(model={**raw.state_dict(), **projectors}, ema={**raw.state_dict(), **projectors},
+                               opt={}, args=namespace, steps=5), raw)
     save("ema_only", dict(ema=raw.state_dict()), raw)  # e.g. a released file keeping only the EMA
     dit = tiny_named("DiT-T/4", seed=3)
     save("dit_bare", dit.state_dict(), dit)
-    sit_repo = tiny_named("SiT-T/4", seed=4, learn_sigma=True)
-    save("sit_bare", sit_repo.state_dict(), sit_repo)
+    sit_raw, sit_ema = tiny_named("SiT-T/4", seed=4, learn_sigma=True), tiny_named("SiT-T/4", seed=6, learn_sigma=True)
+    save("sit_bare", sit_ema.state_dict(), sit_ema)
+    for key, args in [("sit_repo_linear", sit_repo_args()), ("sit_repo_gvp", sit_repo_args("GVP")),
+                      ("sit_repo_vp", sit_repo_args("VP")), ("sit_repo_score", sit_repo_args(prediction="score"))]:
+        save(key, dict(model=sit_raw.state_dict(), ema=sit_ema.state_dict(), opt={}, args=args), sit_ema)
     nonull = tiny_named("DiT-T/4", seed=5, class_dropout_prob=0.0)  # no null row: CFG impossible
     save("dit_no_null", dict(model=nonull.state_dict(), ema=nonull.state_dict(), opt={}, step=1,
-                             args=ours_args(model="DiT-T/4", family="DiT", cfg_prob=0.0)), nonull)
+                             args=ours_args(model="DiT-T/4", cfg_prob=0.0)), nonull)
     save("latent", tiny_named("SiT-T/4", input_size=4, in_channels=4).state_dict(), None)
     save("foreign", {"weights": {"w": torch.ones(2)}, "note": "hello"}, None)
-    files["text"] = (str(d / "text.pt"), None)
-    with open(files["text"][0], "w") as f:
-        f.write("not a checkpoint\n")
+    save("short", {k: v for k, v in dit.state_dict().items() if not k.startswith("blocks.5.")}, None)
+    with open(files["dit_bare"][0], "rb") as f:
+        files["corrupt"] = (str(d / "corrupt.pt"), None)  # cut short, as by a full disk
+        (d / "corrupt.pt").write_bytes(f.read()[:5000])
     return files
 
 
@@ -1216,12 +1262,15 @@ LAYOUTS = {  # key -> (--model, expected family, path type, wrapped in ReversedS
     "ema_only": ("SiT-T/4", "SiT", "linear", False),
     "dit_bare": ("DiT-T/4", "DiT", "linear", False),
     "sit_bare": ("SiT-T/4", "SiT", "linear", True),
+    "sit_repo_linear": (None, "SiT", "linear", True),
+    "sit_repo_gvp": (None, "SiT", "cosine", True),
 }
 
 
 @pytest.mark.parametrize("key", list(LAYOUTS))
-def test_checkpoint_layouts_load_and_sample(key, ckpts, tmp_path, capsys):
-    """Each layout loads with the right weights, family and convention, then samples from the command line."""
+def test_checkpoint_layouts_load_and_sample(key, ckpts, tmp_path):
+    """Each layout loads its EMA weights with the right family and time convention, then samples from the
+    command line; SiT-repository weights (bare, or its train.py's checkpoints) are used as -f(x, 1 - t)."""
     path, expected = ckpts[key]
     model_name, family, path_type, reverse = LAYOUTS[key]
     model, info = sample.load_model(path, model_name)
@@ -1250,9 +1299,8 @@ def test_big_models_are_built_on_the_meta_device(ckpts, monkeypatch):
 
 def test_use_raw_model_takes_online_weights(ckpts):
     """Our checkpoints sample the EMA by default; --use-raw-model takes `model`, without the projector."""
-    raw = tiny_named(seed=1, projector=True)
     model, _ = sample.load_model(ckpts["ours"][0], use_raw_model=True)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone(raw.state_dict()).items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_named(seed=1).state_dict().items())
     assert not any(k.startswith("ap_head.") for k in model.state_dict())
 
 
@@ -1260,9 +1308,13 @@ def test_use_raw_model_takes_online_weights(ckpts):
 # Classifier-free guidance
 
 def record_calls(model):
-    """Forward pre-hook logging (batch size, t, labels) of every network call."""
+    """Log (batch size, t, labels) of every network call through a forward pre-hook."""
     calls = []
-    model.register_forward_pre_hook(lambda mod, inp: calls.append((len(inp[0]), inp[1][0].item(), inp[2].tolist())))
+
+    def hook(module, inputs):
+        calls.append((len(inputs[0]), inputs[1][0].item(), inputs[2].tolist()))
+
+    model.register_forward_pre_hook(hook)
     return calls
 
 
@@ -1277,18 +1329,22 @@ def test_cfg_scale_one_is_no_cfg_and_runs_no_unconditional_pass():
     assert len(calls) == 2 * n_plain == 10 and all(n == 3 for n, _, _ in calls)
 
 
-def test_cfg_interval_and_null_label():
-    """Guidance (a doubled batch with the null label = num_classes) only while t_low <= t <= t_high."""
+def test_cfg_interval_is_decided_at_each_step_start():
+    """Guidance (a doubled batch with the null label = num_classes) only for the steps that start in
+    [t_low, t_high]; both Heun evaluations of a step follow its start, as in REPA's sampler, so the steps
+    that cross the interval's edges (0.7 -> 0.6 and 0.3 -> 0.2) are each guided or not as a whole."""
     model = tiny_named()
     calls = record_calls(model)
     z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])
     sample.generate(model, z, y, mode="ode", num_steps=10, heun=True, cfg_scale=2.0, guidance_low=0.25,
-                    guidance_high=0.65)  # bounds off the time grid (float32 t in the hook)
-    for n, t, labels in calls:
-        inside = 0.25 <= t <= 0.65
-        assert n == (6 if inside else 3), (n, t)
+                    guidance_high=0.65)  # bounds off the time grid
+    grid = [1 - i / 10 for i in range(11)]
+    expected = [(start, t) for start, t_next in zip(grid[:9], grid[1:]) for t in (start, t_next)] + [(0.1, 0.1)]
+    assert len(calls) == len(expected) == 19  # Heun: two calls a step, one on the last step
+    for (n, t, labels), (start, t_call) in zip(calls, expected):
+        inside = 0.25 <= start <= 0.65
+        assert n == (6 if inside else 3) and abs(t - t_call) < 1e-6, (n, t, start)
         assert labels == ([0, 1, 3, 4, 4, 4] if inside else [0, 1, 3])
-    assert sum(n == 6 for n, _, _ in calls) > 0 and sum(n == 3 for n, _, _ in calls) > 0
 
 
 def test_cfg_formula_on_all_channels_and_ddpm_interval():
@@ -1305,14 +1361,8 @@ def test_cfg_formula_on_all_channels_and_ddpm_interval():
     assert all((n == 4) == (t <= 500) for n, t, _ in calls)
 
 
-def test_cfg_needs_a_null_label(ckpts):
-    model, _ = sample.load_model(ckpts["dit_no_null"][0])
-    with pytest.raises(sra.UserError, match="null label"):
-        sample.generate(model, torch.randn(1, 3, 8, 8), torch.tensor([0]), mode="ddpm", num_steps=2, cfg_scale=2)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Output, determinism, resume
+# Random streams, output, determinism, resume
 
 def npz_of(folder):
     """(images, labels) of the single .npz in a sample folder."""
@@ -1325,25 +1375,34 @@ def run_cli(ckpt, out, *extra):
     return sample.cli(["--ckpt", ckpt, "--sample-dir", str(out), "--num-steps", "8", *map(str, extra)])
 
 
-def test_labels_are_uniform_and_tied_to_the_index():
+def test_streams_are_per_sample_and_seeded():
+    """Sample i's label and noise come from its own stream: the same in any batch, labels uniform; another
+    --global-seed gives other streams (the CPU generator keeps 32 bits of a seed: seed << 32 | i did not);
+    one run never repeats a stream."""
     _, y, _ = sample.sample_inputs(range(4000), 0, 4, (1, 1, 1))
     assert abs(np.bincount(y.numpy(), minlength=4) - 1000).max() < 100
     z_sub, y_sub, _ = sample.sample_inputs(range(1000, 1003), 0, 4, (3, 8, 8))
     z_all, y_all, _ = sample.sample_inputs(range(1003), 0, 4, (3, 8, 8))
     assert torch.equal(y_sub, y_all[1000:]) and torch.equal(z_sub, z_all[1000:])
-    assert not torch.equal(sample.sample_inputs(range(3), 1, 4, (3, 8, 8))[0], z_sub[:3])
+    z_other, _, _ = sample.sample_inputs(range(1003), 1, 4, (3, 8, 8))
+    first_values = {tuple(row) for row in z_all[:, 0, 0, :2].tolist()}
+    assert not first_values & {tuple(row) for row in z_other[:, 0, 0, :2].tolist()}  # not even shifted
+    seeds = [sample.stream_seed(0, i) for i in range(100_000)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) < 2 ** 32
 
 
-def test_npz_format_pngs_and_preview(ckpts, tmp_path):
+def test_npz_format_pngs_and_preview(ckpts, tmp_path, capsys):
+    """The ADM .npz (arr_0 uint8 (N, H, W, 3), arr_1 int64 labels), --save-png, a preview grid; the part
+    files are gone once the .npz is written, and the log names the .npz's full path."""
     assert run_cli(ckpts["ours"][0], tmp_path, "--num-fid-samples", 10, "--per-proc-batch-size", 4, "--save-png") == 0
     images, labels = npz_of(tmp_path)
     assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
     assert labels.dtype == np.int64 and labels.shape == (10,) and set(labels) <= {0, 1, 2, 3}
     assert images.std() > 0
     (folder,) = [p for p in glob.glob(str(tmp_path / "*")) if os.path.isdir(p)]
-    assert len(glob.glob(os.path.join(folder, "png", "*.png"))) == 10
-    assert len(glob.glob(os.path.join(folder, "parts-b4", "*.npz"))) == 3
+    assert os.listdir(folder) == ["png"] and len(glob.glob(os.path.join(folder, "png", "*.png"))) == 10
     assert len(glob.glob(str(tmp_path / "*.png"))) == 1  # the preview grid
+    assert f"wrote {glob.glob(str(tmp_path / '*.npz'))[0]}" in capsys.readouterr().out
 
 
 def test_same_npz_from_two_processes_and_two_batch_sizes(ckpts, tmp_path):
@@ -1366,30 +1425,77 @@ def test_same_npz_from_two_processes_and_two_batch_sizes(ckpts, tmp_path):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
-def test_resume_redoes_only_missing_batches(ckpts, tmp_path, capsys):
+class Interrupted(Exception):
+    """Stands for a killed sampling run."""
+
+
+def test_resume_cleanup_and_rerun(ckpts, tmp_path, capsys, monkeypatch):
+    """An interrupted run resumes from its part files, redoing only the missing batches, to the same .npz;
+    then the parts go (--keep-parts keeps them), and the same command again redoes nothing."""
     ckpt, flags = ckpts["ours"][0], ("--num-fid-samples", 10, "--per-proc-batch-size", 4)
     assert run_cli(ckpt, tmp_path / "ref", *flags) == 0
+    ref = npz_of(tmp_path / "ref")
+    save_part = sample.save_part
+
+    def save_one_part_then_die(path, images, labels):
+        if glob.glob(os.path.join(os.path.dirname(path), "*.npz")):
+            raise Interrupted
+        save_part(path, images, labels)
+
     out = tmp_path / "run"
-    with pytest.raises(SystemExit):  # interrupted after its first batch
-        run_cli(ckpt, out, *flags, "--fault-stop-after", 1)
+    monkeypatch.setattr(sample, "save_part", save_one_part_then_die)
+    with pytest.raises(Interrupted):
+        run_cli(ckpt, out, *flags)
+    monkeypatch.undo()
     (parts,) = glob.glob(str(out / "*" / "parts-b4"))
-    assert sorted(os.listdir(parts)) == ["0000000-0000004.npz"] and not glob.glob(str(out / "*.npz"))
-    stamp = lambda: {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in os.listdir(parts)}  # noqa: E731
-    before = stamp()
+    assert os.listdir(parts) == ["0000000-0000004.npz"] and not glob.glob(str(out / "*.npz"))
     capsys.readouterr()
     assert run_cli(ckpt, out, *flags) == 0
     assert "4 of 10 samples already done; 2 batch(es) to go" in capsys.readouterr().out
-    after = stamp()
-    assert after["0000000-0000004.npz"] == before["0000000-0000004.npz"] and len(after) == 3
-    for a, b in zip(npz_of(tmp_path / "ref"), npz_of(out)):
-        assert np.array_equal(a, b)
-    os.remove(os.path.join(parts, "0000004-0000008.npz"))  # lose a middle batch
-    before = stamp()
+    assert all(np.array_equal(a, b) for a, b in zip(ref, npz_of(out)))
+    assert not os.path.exists(os.path.dirname(parts))  # the parts and their folder are gone
+    (npz,) = glob.glob(str(out / "*.npz"))
+    stamp = os.stat(npz).st_mtime_ns
     assert run_cli(ckpt, out, *flags) == 0
+    assert f"{npz} already exists" in capsys.readouterr().out and os.stat(npz).st_mtime_ns == stamp
+    # --keep-parts: the parts stay; with the .npz and a middle part lost, only that batch is redone
+    assert run_cli(ckpt, tmp_path / "kept", *flags, "--keep-parts") == 0
+    (parts,) = glob.glob(str(tmp_path / "kept" / "*" / "parts-b4"))
+    assert len(os.listdir(parts)) == 3
+    os.remove(glob.glob(str(tmp_path / "kept" / "*.npz"))[0])
+    os.remove(os.path.join(parts, "0000004-0000008.npz"))
+    capsys.readouterr()
+    assert run_cli(ckpt, tmp_path / "kept", *flags, "--keep-parts") == 0
     assert "6 of 10 samples already done; 1 batch(es) to go" in capsys.readouterr().out
-    assert all(stamp()[f] == t for f, t in before.items())
-    for a, b in zip(npz_of(tmp_path / "ref"), npz_of(out)):
-        assert np.array_equal(a, b)
+    assert all(np.array_equal(a, b) for a, b in zip(ref, npz_of(tmp_path / "kept")))
+
+
+def test_grid_shows_new_samples_of_the_global_seed(ckpts, tmp_path, capsys, monkeypatch):
+    """--grid: 8 rows and a column per class (up to 10); its noise comes from the per-sample streams of
+    --global-seed, so another seed gives another grid; the log names the PNG's full path."""
+    from PIL import Image
+    calls = []
+    generate = sample.generate
+
+    def spy(model, z, y, **settings):
+        calls.append((z, y))
+        return generate(model, z, y, **settings)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    monkeypatch.chdir(tmp_path)
+    grids = []
+    for seed in (0, 1):
+        argv = ["--ckpt", ckpts["ours"][0], "--grid", "--num-steps", "3", "--sample-dir", "out", "--global-seed",
+                str(seed)]
+        assert sample.cli(argv) == 0
+        path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote ")
+        assert os.path.dirname(path) == str(tmp_path / "out") and path.endswith("-grid.png")
+        grids.append(np.asarray(Image.open(path)))
+        z, y = calls[-1]
+        assert y.tolist() == [0, 1, 2, 3] * 8
+        assert torch.equal(z, sample.sample_inputs(range(32), seed, 4, (3, 8, 8))[0])
+    assert grids[0].shape == (8 * 8, 4 * 8, 3)
+    assert not np.array_equal(grids[0], grids[1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1398,43 +1504,39 @@ def test_resume_redoes_only_missing_batches(ckpts, tmp_path, capsys):
 BAD = {  # name -> (checkpoint key or path, extra flags, expected message)
     "missing": ("/nonexistent/ckpt.pt", [], "does not exist"),
     "foreign": ("foreign", [], "is not a DiT/SiT checkpoint"),
-    "text": ("text", [], "is not a PyTorch checkpoint"),
+    "text": (os.path.join(HERE, "README.md"), [], "is not a PyTorch checkpoint: torch.save writes a zip archive"),
+    "corrupt": ("corrupt", [], "is a damaged PyTorch checkpoint ("),
     "bare_without_model": ("dit_bare", [], "--model"),
-    "arch_mismatch": ("sit_bare", ["--model", "SiT-S/4"], "checkpoint vs model shape pos_embed (1, 4, 192) vs (1, 4, 384)"),
+    "missing_keys": ("short", ["--model", "DiT-T/4"], "missing: blocks.5."),
+    "arch_mismatch": ("sit_bare", ["--model", "SiT-S/4"], "mis-shaped (file vs model): pos_embed (1, 4, 192) vs "
+                                                          "(1, 4, 384)"),
     "model_disagrees": ("ours", ["--model", "SiT-B/4"], "holds a SiT-T/4; --model says SiT-B/4"),
     "ema_only_raw": ("ema_only", ["--model", "SiT-T/4", "--use-raw-model"], "drop --use-raw-model"),
     "ema_only_no_model": ("ema_only", [], "unknown architecture"),
+    "sit_repo_vp": ("sit_repo_vp", [], "SiT-repository VP velocity model: unsupported"),
+    "sit_repo_score": ("sit_repo_score", [], "SiT-repository Linear score model: unsupported"),
     "dit_with_sde": ("dit_bare", ["--model", "DiT-T/4", "--mode", "sde"], "use --mode ddpm"),
     "sit_with_ddpm": ("ours", ["--mode", "ddpm"], "use --mode sde or --mode ode"),
+    "ddpm_steps": ("dit_bare", ["--model", "DiT-T/4", "--num-steps", "1001"], "between 1 and 1000"),
+    "cfg_without_null_label": ("dit_no_null", ["--cfg-scale", "2"], "no null label"),
     "resolution": ("ours", ["--resolution", "256"], "makes 8px images"),
     "latent_without_diffusers": ("latent", ["--model", "SiT-T/4"], "pip install diffusers"),
+    "unwritable_sample_dir": ("ours", ["--sample-dir", "/dev/null/out"], "cannot write to --sample-dir"),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_sample_bad_input_is_one_line_and_exit_2(name, ckpts, tmp_path, capsys, monkeypatch):
+    """One `error:` line naming the problem, and the checkpoint by its full path, though given relative."""
     for module in ("diffusers", "diffusers.models"):  # as on a machine without diffusers, installed or not
         monkeypatch.setitem(sys.modules, module, None)
     ckpt, extra, message = BAD[name]
-    ckpt = ckpts[ckpt][0] if ckpt in ckpts else ckpt
+    ckpt = os.path.relpath(ckpts[ckpt][0] if ckpt in ckpts else ckpt)
     assert sample.cli(["--ckpt", ckpt, "--grid", "--sample-dir", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
-
-
-def test_architecture_mismatch_names_missing_keys(ckpts, tmp_path, capsys):
-    state = torch.load(ckpts["dit_bare"][0], weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("blocks.5.")}
-    torch.save(state, tmp_path / "short.pt")
-    assert sample.cli(["--ckpt", str(tmp_path / "short.pt"), "--model", "DiT-T/4", "--grid",
-                       "--sample-dir", str(tmp_path)]) == 2
-    assert "missing blocks.5." in capsys.readouterr().err
-
-
-def test_unwritable_sample_dir(ckpts, tmp_path, capsys):
-    (tmp_path / "file").write_text("x")
-    assert run_cli(ckpts["ours"][0], tmp_path / "file" / "out", "--grid") == 2
-    assert "cannot write to --sample-dir" in capsys.readouterr().err
+    named = [word for word in err.split() if os.path.basename(ckpt) in word]
+    assert all(word.startswith(os.path.abspath(ckpt)) for word in named), err
 
 
 class Malicious:
@@ -1447,15 +1549,13 @@ class Malicious:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_malicious_pickle_is_refused_without_running(tmp_path):
-    """A real process: exit 2, one line naming the import, and the payload never ran."""
+def test_malicious_pickle_is_refused_without_running(tmp_path, capsys):
+    """Exit 2, one line naming the import, and the payload never ran."""
     marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"model": {}, "ema": Malicious(marker)}, path)
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(path), "--grid", "--sample-dir",
-                           str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 2 and proc.stderr.startswith("error: refusing to load")
-    assert proc.stderr.count("\n") == 1 and "system" in proc.stderr
+    assert sample.cli(["--ckpt", str(path), "--grid", "--sample-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: refusing to load") and err.count("\n") == 1 and "system" in err
     assert not marker.exists()
 
 
@@ -1466,18 +1566,6 @@ def test_trainer_checkpoint_end_to_end(tmp_path):
                            str(tmp_path / "exps"), "--exp-name", "e2e"], cwd=HERE, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    run = tmp_path / "exps" / "e2e"
-    assert sample.cli(["--ckpt", str(run / "checkpoints" / "0000002.pt"), "--grid", "--num-steps", "4",
-                       "--sample-dir", str(tmp_path / "s")]) == 0
+    (ckpt,) = glob.glob(str(tmp_path / "exps" / "e2e" / "**" / "*.pt"), recursive=True)
+    assert sample.cli(["--ckpt", ckpt, "--grid", "--num-steps", "4", "--sample-dir", str(tmp_path / "s")]) == 0
     assert len(glob.glob(str(tmp_path / "s" / "*-grid.png"))) == 1
-
-
-@pytest.mark.parametrize("family", ["SiT", "DiT"])
-def test_trainer_sample_grid_calls_generate(family, tmp_path):
-    """The training loop's sample grid (sample.training_grid) runs through sample.generate (sde / ddpm)."""
-    ema = tiny_named(f"{family}-T/4")
-    args = argparse.Namespace(num_classes=4, in_channels=3, input_size=8, family=family, path_type="linear",
-                              dataset="builtin")
-    (tmp_path / "samples").mkdir()
-    sample.training_grid(ema, args, 7, torch.device("cpu"), str(tmp_path), print)
-    assert (tmp_path / "samples" / "0000007.png").exists()

@@ -45,8 +45,9 @@ from tqdm import tqdm
 import sra
 
 
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Random streams: one generator per sample, so results do not depend on how samples are batched
+# ==================================================================================================
 
 def stream_seed(global_seed, index):
     """The seed of sample `index`: a 32-bit bijection of the index, keyed by the global seed."""
@@ -81,8 +82,9 @@ def sample_inputs(indices, global_seed, num_classes, shape):
     return z, y, gens
 
 
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Samplers. Each takes a function of (x, t): the tests pass exact closed-form fields.
+# ==================================================================================================
 
 def sample_ode(velocity, x, num_steps, heun=False, step_start=False):
     """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) on linspace(1, 0, N+1), state
@@ -144,7 +146,8 @@ def sample_ddpm(eps_model, x, num_steps, generator=None):
     """Ancestral DDPM sampling on `num_steps` evenly spaced steps of the 1000-step schedule.
     eps_model(x, step) gets the original step index (0..999) and returns eps (N, C, H, W), or eps
     and the learned-range value (N, 2C, H, W). No noise on the last step; 1000 = no respacing."""
-    diffusion = respace(sra.GaussianDiffusion.linear(), num_steps)
+    # the tables on x's device: indexed there by the step, without a copy per step
+    diffusion = respace(sra.GaussianDiffusion.linear(device=x.device), num_steps)
     x = x.to(torch.float64)  # (N, C, H, W)
     for i in reversed(range(diffusion.num_timesteps)):
         # the network was trained on the 1000-step indices, so it is fed the original index
@@ -155,8 +158,9 @@ def sample_ddpm(eps_model, x, num_steps, generator=None):
     return x
 
 
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Networks as sampler functions: classifier-free guidance, the SiT-repo time convention, generate()
+# ==================================================================================================
 
 def model_fn(model, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, ddpm=False):
     """The function a sampler calls: f(x, t) -> velocity (N, C, H, W), or with ddpm=True eps and
@@ -225,8 +229,9 @@ def generate(model, z, y, *, mode, num_steps, path_type="linear", cfg_scale=1.0,
     return x.float()
 
 
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Images: SD-VAE decoding, uint8 conversion, PNG grids
+# ==================================================================================================
 
 def load_vae(model, name, device):
     """The SD-VAE (`ema` or `mse`) for a latent model (4 channels); None for a pixel model.
@@ -266,8 +271,9 @@ def save_pngs(images, start, folder):
         Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"))
 
 
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Checkpoints: ours, official SRA/REPA/DiT/SiT training checkpoints, released bare state dicts
+# ==================================================================================================
 
 def read_checkpoint(path):
     """torch.load with weights_only=True (argparse.Namespace allowed): a checkpoint is a pickle,
@@ -378,8 +384,9 @@ def load_model(path, model_name=None, use_raw_model=False):
     return (ReversedSiT(net) if reverse else net), info
 
 
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Output: a grid, or per-batch part files (resumable) and then one ADM-style .npz
+# ==================================================================================================
 
 def log(message):
     """Print on the first process only, so that a torchrun job says each thing once."""
@@ -491,11 +498,14 @@ def write_samples(model, vae, settings, args, name, npz_path, rank, world_size):
         f"process(es)")
     # Round-robin over the processes: a batch's content depends only on its indices, never on
     # which process makes it, so any process count (and a resumed run) gives the same .npz.
-    for start, end in tqdm(todo[rank::world_size], disable=rank != 0, desc="batches"):
+    mine = todo[rank::world_size]
+    bar = tqdm(total=sum(end - start for start, end in mine), unit="img", disable=rank != 0)
+    for start, end in mine:
         images, labels = make_images(model, vae, settings, args.global_seed, range(start, end))
         if args.save_png:  # before the part file: a finished part implies its PNGs exist
             save_pngs(images, start, os.path.join(run_dir, "png"))
         save_part(parts[start, end], images, labels)
+        bar.update(end - start)  # images, so that the bar's rate is this process's img/s
     barrier()  # all parts are on disk
     if rank != 0:
         return
@@ -548,8 +558,9 @@ def main(args):
         dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Command line (the flags of the official generate.py / gen.sh work unchanged)
+# ==================================================================================================
 
 def parse_args(argv=None):
     """Parse and check the flags; paths become absolute, so every message names the full path."""

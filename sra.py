@@ -1,59 +1,77 @@
-"""SRA: Self-Representation Alignment for diffusion transformers (Jiang et al., arXiv 2505.02831), in one file.
+"""SRA: Self-Representation Alignment for diffusion transformers, in one file.
 
-SRA adds one term to DiT/SiT training: the online network's hidden state after an early block, through a small
-projector, is pulled towards the hidden state after a later block of its own EMA, which sees a less noisy
-version of the same image. No external encoder is needed.
+Jiang et al., "No Other Representation Component Is Needed: Diffusion Transformers Can Provide
+Representation Guidance by Themselves" (arXiv 2505.02831). SRA adds one term to DiT/SiT training:
+the network's hidden state after an early block, through a small projector, is pulled towards the
+hidden state after a later block of the network's own EMA, which sees a less noisy version of the
+same image. No external encoder (DINOv2, CLIP, MAE) is needed.
 
 Run recipes
-    # minutes on a CPU: the built-in procedural data (no download)
-    python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 3e-4 --ema-decay 0.995 --max-train-steps 2000
+    # a CPU and a few minutes: the built-in procedural data, nothing to download; then pictures
+    python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 3e-4 --ema-decay 0.995 \
+        --max-train-steps 2000 --checkpoint-steps 500 --exp-name demo
+    python sample.py --ckpt exps/demo/checkpoints/0002000.pt --grid
     # one GPU, CIFAR-10 in pixel space
-    python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128
-    # 8 GPUs, ImageNet 256 latents (the paper: --batch-size is per process, 32 x 8 = 256); two nodes: README
-    torchrun --nproc_per_node=8 sra.py --model SiT-XL/2 --data-dir data/imagenet256 --batch-size 32
-    # the benchmark: SRA vs vanilla step time, images/s, MFU
+    python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128 \
+        --max-train-steps 400000
+    # 8 GPUs, ImageNet 256 as SD-VAE latents (--batch-size is per process: 32 x 8 = 256)
+    torchrun --nproc_per_node=8 sra.py --model SiT-XL/2 --data-dir data/imagenet256
+    # two nodes (run this on both, R = 0 and 1): half the batch per process keeps 256
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 sra.py --model SiT-XL/2 --data-dir data/imagenet256 \
+        --batch-size 16
+    # the benchmark: this file's training loop on synthetic batches, vanilla then SRA
     python sra.py --bench --model SiT-XL/2 --batch-size 32
 
 Notable choices
-    * SiT time runs from t = 0 (data) to t = 1 (noise), as in SRA/REPA (the SiT repo is reversed).
-    * Student: hidden state after block `block_out_s` (1-based) -> projector. Teacher: raw hidden state after
-      block `block_out_t` of the EMA, which stops there. Teacher time t' = clamp(t - t_max * u, 0, 1), same
-      noise, same labels after label dropout.
-    * Loss `sml1` (smooth-L1, beta 0.05; the paper) or `cos` (per token over the feature axis, in fp32).
-    * EMA decay 0.9999, an exact copy at step 0, updated after every optimizer step: it is the teacher.
+    * Time runs from t = 0 (data) to t = 1 (noise), as in SRA and REPA (the SiT repo is reversed).
+    * Student: the hidden state after block `block_out_s` (1-based), through the projector.
+      Teacher: the raw hidden state after block `block_out_t` of the EMA, which stops there.
+    * Teacher time t' = clamp(t - t_max * u, 0, 1), u ~ U(0, 1): less noise, the same noise
+      sample, the same labels after label dropout.
+    * Loss `sml1` (smooth-L1, beta 0.05; the paper) or `cos` (1 - cosine per token, over the
+      feature axis, as the paper describes; the official code's ran over the token axis).
+    * EMA decay 0.9999, an exact copy of the model at step 0, updated after every optimizer step.
 """
 import argparse
 import contextlib
-import functools
+import difflib
 import glob
 import itertools
 import json
 import math
 import os
 import signal
+import statistics
 import sys
+import threading
 import time
 from collections import OrderedDict
 from datetime import timedelta
+from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Embedders: timesteps and positions
+# ==================================================================================================
+# Embedders: patches, timesteps, positions
+# ==================================================================================================
 
 def modulate(x, shift, scale):
     """adaLN: LN(x) * (1 + scale) + shift, one (shift, scale) per sample, broadcast over tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
 
 class TimestepEmbedder(nn.Module):
     """Scalar time -> 256-dim [cos, sin] sinusoid -> MLP -> D."""
@@ -66,31 +84,38 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        """Sinusoid of t (N,) at frequencies exp(-ln(max_period) * i / (dim/2)); cos first, then sin."""
+        """Sinusoid of t (N,) at frequencies exp(-ln(max_period) i / (dim/2)); cos first, then sin.
+
+        DiT feeds integer steps 0..999 here, SiT the time t in [0, 1] as it is (not times 1000).
+        """
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)  # (dim/2,)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # (N, dim/2)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
 
     def forward(self, t):
         return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
 
+
 def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """MAE-style fixed 2D sin-cos table (T, D), in float64: [0, D/2) encodes the column, [D/2, D) the row,
-    each half D/4 sines then D/4 cosines of pos * 10000^(-i / (D/4))."""
-    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))  # (D/4,)
-    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
-                             indexing="ij")  # token k = (row k // grid, column k % grid)
-    encode = lambda pos: np.concatenate([np.sin(np.outer(pos.ravel(), omega)),  # noqa: E731  (T, D/2)
-                                         np.cos(np.outer(pos.ravel(), omega))], axis=1)
-    return np.concatenate([encode(cols), encode(rows)], axis=1)  # (T, D)
+    """MAE's fixed 2D sin-cos table (T, D), in float64, for tokens in row-major order.
+
+    Entries [0, D/2) encode the column and [D/2, D) the row; each half holds D/4 sines, then D/4
+    cosines, of position * omega_i with omega_i = 10000^(-i / (D/4)).
+    """
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
+    # token k sits at row k // G, column k % G
+    rows, cols = np.divmod(np.arange(grid_size * grid_size, dtype=np.float64), grid_size)
+    angles = [np.outer(position, omega) for position in (cols, rows)]  # 2 x (T, D/4)
+    return np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1)  # (T, D)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The transformer: adaLN-Zero blocks, final layer, projector, model table
+# ==================================================================================================
+# The transformer: attention, adaLN-Zero block, final layer, the model table
+# ==================================================================================================
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, via scaled_dot_product_attention."""
+    """Multi-head self-attention: a fused qkv projection and PyTorch's fused attention kernel."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -100,33 +125,41 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, D/heads): flash kernels on GPU
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        # q, k, v: (N, heads, T, D / heads) each
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernels on GPUs
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
 
-def mlp(dim, hidden_dim, act, names):
-    """Linear -> act -> Linear as an nn.Sequential whose layers carry the released checkpoints' names."""
-    return nn.Sequential(OrderedDict([(names[0], nn.Linear(dim, hidden_dim)), ("act", act),
+
+def mlp(dim, hidden_dim, activation, names):
+    """Linear -> activation -> Linear, its two layers named as in the released checkpoints."""
+    return nn.Sequential(OrderedDict([(names[0], nn.Linear(dim, hidden_dim)), ("act", activation),
                                       (names[1], nn.Linear(hidden_dim, dim))]))
 
+
 class Block(nn.Module):
-    """Transformer block with adaLN-Zero conditioning: c gives shift, scale and gate for both branches."""
+    """Transformer block with adaLN-Zero: c gives a shift, scale and gate for each branch."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
+        # LayerNorms without affine parameters: adaLN supplies the scale and shift
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio), nn.GELU(approximate="tanh"), ("fc1", "fc2"))
+        gelu = nn.GELU(approximate="tanh")
+        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio), gelu, ("fc1", "fc2"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
+        modulation = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        # each branch sees the normalised tokens modulated by c; its output is gated by c
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a Linear to p*p*C_out values per token."""
+    """adaLN-modulated LayerNorm, then a Linear to the p * p * C_out values of each patch."""
 
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
@@ -136,71 +169,88 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p * p * C_out)
+
 
 class DiT(nn.Module):
-    """The transformer of DiT and SiT, with the parameter names of the released checkpoints. `model(x, t, y)`
-    -> (N, C_out, H, W); with `block_out_s` also the projected hidden state after that block (SRA student).
-    The projector `ap_head` exists only with projector=True: released weights load strictly without it."""
+    """The transformer of DiT and SiT, with the parameter names of the released checkpoints.
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, projector=False):
+    model(x, t, y) -> (N, C_out, H, W); with block_out_s it also returns the SRA student: the
+    hidden state after that block, through the projector `ap_head`. The projector exists only with
+    projector=True, so released weights load strictly without it.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                 learn_sigma=True, projector=False):
         super().__init__()
         if input_size % patch_size:
-            raise UserError(f"input size {input_size} is not divisible by the patch size {patch_size}")
-        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+            raise UserError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma, self.num_classes, self.depth, self.hidden_size = learn_sigma, num_classes, depth, hidden_size
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
         self.grad_checkpointing = False
-        conv = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)  # p x p patches -> D
-        self.x_embedder = nn.Sequential(OrderedDict(proj=conv))  # named as in the released checkpoints
+        # p x p patches -> D channels: a conv with kernel = stride = p
+        patchify = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.x_embedder = nn.Sequential(OrderedDict(proj=patchify))
         self.t_embedder = TimestepEmbedder(hidden_size)
-        # label -> D; row `num_classes` is CFG's null class (labels are dropped in training_losses, not here)
+        # Label -> D. Row `num_classes` is the null class of classifier-free guidance; labels are
+        # dropped in training_losses (not here), so the teacher sees exactly the student's labels.
         table = nn.Embedding(num_classes + int(class_dropout_prob > 0), hidden_size)
         self.y_embedder = nn.Sequential(OrderedDict(embedding_table=table))
         num_patches = (input_size // patch_size) ** 2
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)  # fixed
-        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        # fixed sin-cos positions, not trained (a parameter only because the checkpoints say so)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        # SRA's projector on the student features: Linear(D, 2D) -> SiLU -> Linear(2D, D)
-        self.ap_head = mlp(hidden_size, 2 * hidden_size, nn.SiLU(), ("linear1", "linear2")) if projector else None
+        # SRA's projector on the student's features: Linear(D, 2D) -> SiLU -> Linear(2D, D)
+        names = ("linear1", "linear2")
+        self.ap_head = mlp(hidden_size, 2 * hidden_size, nn.SiLU(), names) if projector else None
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT's init. adaLN and the final Linear are zeroed: every block starts as the identity, output 0."""
+        """DiT's init. adaLN and the final Linear are zeroed: every block starts as the identity
+        and a fresh model outputs exactly zero (adaLN-Zero)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         pos = get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch conv as a Linear over flattened patches
+        weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # the conv as a Linear
         nn.init.zeros_(self.x_embedder.proj.bias)
-        for w in (self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight, self.t_embedder.mlp[2].weight):
-            nn.init.normal_(w, std=0.02)
-        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                  self.final_layer.linear]
-        for layer in zeroed:  # adaLN-Zero
+        for weight in (self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight,
+                       self.t_embedder.mlp[2].weight):
+            nn.init.normal_(weight, std=0.02)
+        final = self.final_layer
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [final.adaLN_modulation[-1],
+                                                                     final.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def unpatchify(self, x):
-        """(N, T, p*p*C) -> (N, C, H, W)."""
-        p, c, h = self.patch_size, self.out_channels, self.input_size // self.patch_size
-        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, h, p, p, c))
-        return x.reshape(x.shape[0], c, h * p, h * p)
+        """(N, T, p * p * C) -> (N, C, H, W)."""
+        p, c = self.patch_size, self.out_channels
+        h = self.input_size // p  # patches per side
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(len(x), h, h, p, p, c))
+        return x.reshape(len(x), c, h * p, h * p)
 
     def embed(self, x, t, y):
-        """Tokens (N, T, D) and the conditioning c = t_emb + y_emb (N, D)."""
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D), row-major
+        """Tokens (N, T, D) with positions added, and the conditioning c = t_emb + y_emb (N, D)."""
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (N, D, H/p, W/p) -> (N, T, D)
         return tokens + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
 
     def forward(self, x, t, y, block_out_s=None):
         x, c = self.embed(x, t, y)  # (N, T, D), (N, D)
         features = None
         for i, block in enumerate(self.blocks, start=1):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():  # recompute in backward
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; recompute its insides during backward
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)  # (N, T, D)
@@ -210,182 +260,248 @@ class DiT(nn.Module):
         return x if block_out_s is None else (x, features)
 
     def forward_features(self, x, t, y, depth):
-        """Hidden state (N, T, D) after block `depth` (1-based), running only blocks 1..depth: the teacher."""
+        """The SRA teacher: the hidden state (N, T, D) after block `depth` (1-based). Only blocks
+        1..depth run; the official code ran them all and the final layer, then threw that away."""
         x, c = self.embed(x, t, y)
         for block in self.blocks[:depth]:
             x = block(x, c)
         return x
 
-# depth, width, heads of the paper's S, B, L, XL, plus T, a tiny 6-block model of ours for CPU tutorials
-SIZES = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
-def build_model(family, size, patch, input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
-                learn_sigma=None, **kw):
-    """The constructor behind MODELS["<family>-<size>/<patch>"]; learn_sigma defaults to on for DiT only."""
+# Depth, width and heads of the paper's S, B, L, XL, and T: a 6-block model of ours for CPU runs
+SIZES = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+         "XL": (28, 1152, 16)}
+
+
+def build_model(family, size, patch, input_size=32, in_channels=4, num_classes=1000,
+                class_dropout_prob=0.1, learn_sigma=None, **kwargs):
+    """The constructor behind MODELS["<family>-<size>/<patch>"].
+
+    learn_sigma defaults to on for DiT (its variance is learned) and off for SRA's SiT (C_out = C).
+    """
     depth, width, heads = SIZES[size]
-    learn_sigma = family == "DiT" if learn_sigma is None else learn_sigma  # SRA's SiT: C_out = C
-    return DiT(input_size, patch, in_channels, width, depth, heads, class_dropout_prob=class_dropout_prob,
-               num_classes=num_classes, learn_sigma=learn_sigma, **kw)
+    learn_sigma = family == "DiT" if learn_sigma is None else learn_sigma
+    return DiT(input_size, patch, in_channels, width, depth, heads, num_classes=num_classes,
+               class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma, **kwargs)
 
-MODELS = {f"{fam}-{s}/{p}": functools.partial(build_model, fam, s, p) for fam in ("SiT", "DiT") for s in SIZES
-          for p in (2, 4, 8)}
-# SRA block pairs (student s -> teacher block_out_t), 1-based, from the paper (S uses the B pairs)
+
+MODELS = {f"{family}-{size}/{patch}": partial(build_model, family, size, patch)
+          for family in ("SiT", "DiT") for size in SIZES for patch in (2, 4, 8)}
+
+# SRA's block pairs (student block_out_s -> teacher block_out_t), 1-based, from the paper. S models
+# have the depth of B and use its pairs; T (6 blocks) takes the authors' rule of thumb,
+# depth/4 -> 3 depth/4, that is 1 -> 4.
 BLOCK_PAIRS = {"SiT-S": (3, 8), "SiT-B": (3, 8), "SiT-L": (6, 16), "SiT-XL": (8, 20),
                "DiT-S": (3, 7), "DiT-B": (3, 7), "DiT-L": (6, 14), "DiT-XL": (8, 16)}
 
-def default_blocks(model_name):
-    """The paper's (block_out_s, block_out_t) for a model, else the rule of thumb depth/4 -> 3*depth/4."""
-    key = model_name.split("/")[0]
-    depth = SIZES[key.split("-")[1]][0]
-    return BLOCK_PAIRS.get(key, (max(1, depth // 4), 3 * depth // 4))
 
-
-# ----------------------------------------------------------------------------------------------------
-# Objectives: SiT interpolants and the DDPM of DiT
+# ==================================================================================================
+# Objectives: the SiT interpolant (flow matching) and the DDPM of DiT
+# ==================================================================================================
 
 def mean_flat(x):
     """Mean over every axis but the batch axis."""
     return x.mean(dim=list(range(1, x.ndim)))
 
+
 def interpolant(t, path_type="linear"):
-    """x_t = alpha_t * x + sigma_t * eps (t = 0 data, t = 1 noise) -> alpha_t, sigma_t, d alpha/dt, d sigma/dt."""
+    """x_t = alpha_t * x + sigma_t * eps, t = 0 data, t = 1 noise.
+
+    Returns alpha_t, sigma_t and their time derivatives; the velocity target of SiT is
+    d_alpha_t * x + d_sigma_t * eps.
+    """
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type in ("cosine", "cos"):  # the official trainer accepts `cos`, but its loss only knew `cosine`
+    if path_type in ("cosine", "cos"):  # the official trainer accepts `cos`; its loss knew `cosine`
         a = math.pi / 2
         return torch.cos(a * t), torch.sin(a * t), -a * torch.sin(a * t), a * torch.cos(a * t)
     raise UserError(f"unknown path type {path_type!r}: use linear or cosine")
 
+
 def sample_time(N, weighting, path_type, device, generator):
-    """Training times: uniform on [0, 1], or lognormal (s = e^n, n ~ N(0, 1), mapped onto [0, 1])."""
+    """Training times: uniform on [0, 1], or lognormal (s = e^n, n ~ N(0, 1), mapped to [0, 1])."""
     if weighting == "uniform":
         return torch.rand(N, device=device, generator=generator)
     s = torch.exp(torch.randn(N, device=device, generator=generator))
     return s / (1 + s) if path_type == "linear" else 2 / math.pi * torch.atan(s)
 
+
+def approx_standard_normal_cdf(x):
+    """The tanh approximation of the standard normal CDF that DiT's likelihood uses."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
 def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """log P(x) for x in [-1, 1] quantised to 256 bins under N(means, e^(2 log_scales)), elementwise."""
-    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))  # noqa: E731
-    centered, inv_stdv = x - means, torch.exp(-log_scales)
-    cdf_plus, cdf_min = cdf(inv_stdv * (centered + 1 / 255)), cdf(inv_stdv * (centered - 1 / 255))
-    log = lambda v: torch.log(v.clamp(min=1e-12))  # noqa: E731
-    return torch.where(x < -0.999, log(cdf_plus), torch.where(x > 0.999, log(1 - cdf_min), log(cdf_plus - cdf_min)))
+    """log P(x) for data in [-1, 1] quantised to 256 bins, under N(means, exp(2 log_scales))."""
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (x - means + 1 / 255))  # the bin's edges
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (x - means - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))  # the lowest bin extends to -inf
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))  # the highest to +inf
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    inner = torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    return torch.where(x < -0.999, log_cdf_plus, inner)
+
 
 class GaussianDiffusion:
-    """DDPM with linear betas and learned-range variance (DiT); float64 tables indexed by the step t.
-    A respaced schedule (sample.py) feeds the model the original step index `timestep_map[t]`."""
+    """DDPM with a learned-range variance, as DiT trains and samples it.
+
+    Every table is float64 and lives on the device of `betas`, so a training step indexes it there
+    without a copy. A respaced schedule (for sampling) feeds the model the original step index
+    `timestep_map[t]`.
+    """
 
     def __init__(self, betas, timestep_map=None):
-        self.betas = b = torch.as_tensor(betas, dtype=torch.float64)
-        self.num_timesteps = T = len(b)
-        self.timestep_map = torch.arange(T) if timestep_map is None else torch.as_tensor(timestep_map)
-        self.alphas_cumprod = ac = torch.cumprod(1 - b, dim=0)
-        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        self.posterior_variance = pv = b * (1 - ac_prev) / (1 - ac)  # beta tilde
-        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]))  # pv[0] = 0: use pv[1]
-        self.posterior_mean_coef1 = b * ac_prev.sqrt() / (1 - ac)
-        self.posterior_mean_coef2 = (1 - ac_prev) * (1 - b).sqrt() / (1 - ac)
-        self.fixed_large_log_variance = torch.log(torch.cat([pv[1:2], b[1:]]))  # models without learned sigma
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        steps = range(len(betas)) if timestep_map is None else timestep_map
+        self.timestep_map = torch.as_tensor(steps, device=betas.device)
+        ac = torch.cumprod(1 - betas, dim=0)  # abar_t, the fraction of signal left at step t
+        ac_prev = torch.cat([torch.ones_like(ac[:1]), ac[:-1]])  # abar_{t-1}
+        self.alphas_cumprod = ac
+        self.sqrt_alphas_cumprod = ac.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - ac).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1 / ac).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / ac - 1).sqrt()
+        # q(x_{t-1} | x_t, x_0): its variance (beta tilde) and the two coefficients of its mean.
+        # The variance at t = 0 is 0, whose log is -inf: DiT takes the one at t = 1 instead.
+        self.posterior_variance = betas * (1 - ac_prev) / (1 - ac)
+        variance = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([variance[1:2], variance[1:]]))
+        self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1 - ac)
+        self.posterior_mean_coef2 = (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)
+        self.log_betas = betas.log()
+        # a model without a learned variance samples with DDPM's "fixed large" one
+        self.fixed_large_log_variance = torch.log(torch.cat([variance[1:2], betas[1:]]))
 
     @classmethod
-    def linear(cls, num_timesteps=1000):
+    def linear(cls, num_timesteps=1000, device="cpu"):
         """DDPM's linear schedule, beta from 1e-4 to 0.02 (scaled for other step counts)."""
         scale = 1000 / num_timesteps
-        return cls(torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64))
+        return cls(torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64,
+                                  device=device))
 
     @staticmethod
     def _at(table, t, x):
-        """table[t] shaped to broadcast against x, in x's dtype."""
-        return table.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        """table[t] in x's dtype, shaped (N, 1, 1, 1) to broadcast against x."""
+        return table[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with the given noise."""
-        ac = self.alphas_cumprod
-        return self._at(ac.sqrt(), t, x0) * x0 + self._at((1 - ac).sqrt(), t, x0) * noise
+        return (self._at(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior(self, x0, xt, t):
-        """Mean and log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self._at(self.posterior_mean_coef1, t, xt) * x0 + self._at(self.posterior_mean_coef2, t, xt) * xt
+        """Mean and log-variance of the true posterior q(x_{t-1} | x_t, x_0)."""
+        mean = (self._at(self.posterior_mean_coef1, t, xt) * x0
+                + self._at(self.posterior_mean_coef2, t, xt) * xt)
         return mean, self._at(self.posterior_log_variance_clipped, t, xt)
 
     def p_mean_variance(self, model_output, xt, t):
-        """The model's p(x_{t-1} | x_t): mean, log-variance and predicted x_0 (eps in the first C channels)."""
-        C, ac = xt.shape[1], self.alphas_cumprod
-        if model_output.shape[1] == 2 * C:  # learned range: log var between log beta and log beta tilde
-            frac = (model_output[:, C:] + 1) / 2
-            log_var = frac * self._at(self.betas.log(), t, xt) + (1 - frac) * self._at(
-                self.posterior_log_variance_clipped, t, xt)
+        """The model's p(x_{t-1} | x_t) -> mean, log-variance and the predicted x_0.
+
+        The first C output channels are eps; with 2C, the other C interpolate the log-variance
+        between log beta_t and log beta tilde_t ("learned range").
+        """
+        C = xt.shape[1]
+        if model_output.shape[1] == 2 * C:
+            frac = (model_output[:, C:] + 1) / 2  # in [0, 1]
+            log_var = (frac * self._at(self.log_betas, t, xt)
+                       + (1 - frac) * self._at(self.posterior_log_variance_clipped, t, xt))
         else:
             log_var = self._at(self.fixed_large_log_variance, t, xt).expand_as(xt)
-        x0 = self._at((1 / ac).sqrt(), t, xt) * xt - self._at((1 / ac - 1).sqrt(), t, xt) * model_output[:, :C]
+        x0 = (self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+              - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * model_output[:, :C])
         return self.q_posterior(x0, xt, t)[0], log_var, x0
 
     def training_losses(self, model_output, x0, xt, t, noise):
-        """Per-sample loss: MSE on eps + the variational-bound term (bits/dim) that trains the variance."""
+        """Per-sample DiT loss: MSE on eps, plus (with a learned variance) the variational bound."""
         C = x0.shape[1]
         mse = mean_flat((noise - model_output[:, :C]) ** 2)
         if model_output.shape[1] != 2 * C:
             return mse
-        # The vb term sees a detached eps, so that it trains only the variance output (Improved DDPM / DiT).
+        # The bound sees a detached eps, so that it trains only the variance (Improved DDPM, DiT)
         frozen = torch.cat([model_output[:, :C].detach(), model_output[:, C:]], dim=1)
         mean, log_var, _ = self.p_mean_variance(frozen, xt, t)
         true_mean, true_log_var = self.q_posterior(x0, xt, t)
-        kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var) + (true_mean - mean) ** 2
-                    * torch.exp(-log_var))  # KL(q || p) of two Gaussians, in nats
-        kl = mean_flat(kl) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
-        return mse + torch.where(t == 0, nll, kl)  # at t = 0 the decoder's likelihood of x_0
+        # KL(q || p) of two Gaussians in nats, turned into bits per dimension
+        kl = mean_flat(0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                              + (true_mean - mean) ** 2 * torch.exp(-log_var))) / math.log(2.0)
+        # at t = 0 the bound is the decoder's likelihood of x_0 instead
+        log_likelihood = discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)
+        nll = -mean_flat(log_likelihood) / math.log(2.0)
+        return mse + torch.where(t == 0, nll, kl)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The EMA teacher and the SRA loss
+# ==================================================================================================
+# SRA: the EMA teacher, the alignment loss, and one training batch
+# ==================================================================================================
 
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay=0.9999):
-    """ema <- decay * ema + (1 - decay) * model, as two fused multi-tensor ops (no per-parameter loop)."""
+    """ema <- decay * ema + (1 - decay) * model, as two fused multi-tensor ops.
+
+    The EMA is SRA's teacher: a slowly moving average of the student, so its features are a
+    stable target.
+    """
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, model_params, alpha=1 - decay)
 
+
 def align_loss(student, teacher, loss_type="sml1"):
-    """SRA distance between projected student tokens and teacher tokens, in fp32; and the mean
-    per-token cosine similarity (logged). `cos` is per token over the feature axis (the official code's
-    cosine_similarity(dim=1) ran over the token axis)."""
-    student, teacher = student.float(), teacher.float()  # (N, T, D); fp16 normalisation can give NaNs
+    """SRA's distance between the projected student tokens and the teacher tokens (N, T, D).
+
+    `sml1` is smooth-L1 with beta 0.05 over all elements (the paper); `cos` is 1 - cosine
+    similarity per token over the feature axis. Also returns the mean per-token cosine (logged).
+    """
+    student, teacher = student.float(), teacher.float()  # fp16 normalisation can give NaNs
     cos = F.cosine_similarity(student, teacher, dim=-1)  # (N, T)
-    loss = F.smooth_l1_loss(student, teacher, beta=0.05) if loss_type == "sml1" else (1 - cos).mean()
-    return loss, cos.detach().mean()
+    if loss_type == "cos":
+        return (1 - cos).mean(), cos.detach().mean()
+    return F.smooth_l1_loss(student, teacher, beta=0.05), cos.detach().mean()
+
 
 def align_weight(step, weight, decay_start, decay_steps):
-    """lambda * 0.1^((step - start) / steps) after `decay_start` optimizer steps, else lambda."""
+    """lambda, decayed tenfold every `decay_steps` steps after step `decay_start` (0: never)."""
     return weight * 0.1 ** (max(0, step - decay_start) / decay_steps) if decay_steps > 0 else weight
 
-def training_losses(model, ema, x, y, args, diffusion, generator):
-    """One batch: the student's denoising loss and the SRA alignment to the EMA teacher.
 
-    Draws, in order, from `generator`: label dropout, noise, student time, teacher time offset."""
-    N, device = x.shape[0], x.device
+def training_losses(model, ema, x, y, args, diffusion, generator):
+    """One batch -> (denoising loss, SRA alignment loss, mean cosine), all device scalars.
+
+    Draws from `generator`, in this order: label dropout, noise, student time, teacher offset.
+    """
+    N, device = len(x), x.device
+    # Label dropout (for classifier-free guidance), here rather than inside the model, so that a
+    # dropped label stays dropped for the teacher too
     drop = torch.rand(N, device=device, generator=generator) < args.cfg_prob
-    y = torch.where(drop, unwrap(model).num_classes, y)  # a dropped label stays dropped for the teacher
+    y = torch.where(drop, ema.num_classes, y)
     noise = torch.randn(x.shape, device=device, generator=generator)
     if args.family == "SiT":
-        t = sample_time(N, args.weighting, args.path_type, device, generator)
+        t = sample_time(N, args.weighting, args.path_type, device, generator)  # (N,)
         alpha, sigma, d_alpha, d_sigma = interpolant(t.view(-1, 1, 1, 1), args.path_type)
-        x_t, target = alpha * x + sigma * noise, d_alpha * x + d_sigma * noise  # x_t and the velocity target
-        t_teacher = (t - args.t_max * torch.rand(N, device=device, generator=generator)).clamp(0, 1)  # t' <= t
-        alpha_t, sigma_t, _, _ = interpolant(t_teacher.view(-1, 1, 1, 1), args.path_type)
-        x_teacher = alpha_t * x + sigma_t * noise  # the same image and noise, less of it
+        x_t = alpha * x + sigma * noise  # (N, C, H, W)
+        target = d_alpha * x + d_sigma * noise  # the velocity
+        # The teacher sees the same image and the same noise at an earlier time t' <= t (less noise)
+        t_teacher = (t - args.t_max * torch.rand(N, device=device, generator=generator)).clamp(0, 1)
+        alpha, sigma, _, _ = interpolant(t_teacher.view(-1, 1, 1, 1), args.path_type)
+        x_teacher = alpha * x + sigma * noise
     else:
         T = diffusion.num_timesteps
         t = torch.randint(0, T, (N,), device=device, generator=generator)
         x_t = diffusion.q_sample(x, t, noise)
-        offset = torch.randint(0, max(1, round(args.t_max * T)), (N,), device=device, generator=generator)
-        t_teacher = (t - offset).clamp(1, T - 1)  # as the official DiT-SRA: clamped at step 1
+        # DiT: t' = t - j with j uniform in [0, t_max * T), clamped at step 1 as the official code
+        offset = torch.randint(0, max(1, round(args.t_max * T)), (N,), device=device,
+                               generator=generator)
+        t_teacher = (t - offset).clamp(1, T - 1)
         x_teacher = diffusion.q_sample(x, t_teacher, noise)
-    if args.no_sra:
-        output, align, cos = model(x_t, t, y), x.new_zeros(()), x.new_zeros(())
+    if args.no_sra:  # vanilla: no projector, no teacher, no alignment term
+        output = model(x_t, t, y)
+        align, cos = x.new_zeros(()), x.new_zeros(())
     else:
-        output, student = model(x_t, t, y, block_out_s=args.block_out_s)  # (N, C_out, H, W), (N, T, D)
-        with torch.no_grad():  # stop-gradient: the EMA teacher is never trained
+        output, student = model(x_t, t, y, block_out_s=args.block_out_s)  # student: (N, T, D)
+        with torch.no_grad():  # stop-gradient: the teacher is never trained, only averaged
             teacher = ema.forward_features(x_teacher, t_teacher, y, args.block_out_t)  # (N, T, D)
         align, cos = align_loss(student, teacher, args.loss_type)
     if args.family == "SiT":
@@ -395,94 +511,89 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
     return denoise.mean(), align, cos
 
 
-# ----------------------------------------------------------------------------------------------------
+# ==================================================================================================
 # Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents
+# ==================================================================================================
 
-class ShapesDataset(Dataset):
-    """Built-in data: 10 classes of coloured shapes (disc, square, triangle, ring, cross, h-stripes, v-stripes,
-    checker, diamond, two dots), each with its own hue, drawn per index (the index seeds the jitter)."""
+class ShapesDataset(torch.utils.data.Dataset):
+    """Built-in data: 10 classes of coloured shapes on a shaded background, drawn on the fly.
 
-    def __init__(self, resolution=32, length=50_000):
-        self.resolution, self.length = resolution, length
+    Classes 0-4 are a filled disc, square, diamond, cross and bar, classes 5-9 their outlines,
+    each class in its own hue. The index seeds the jitter (position, size, hue, background), so
+    an index always gives the same image. Nothing to download; a small model learns it on a CPU.
+    """
+
+    def __init__(self, resolution=32):
+        self.resolution = resolution
 
     def __len__(self):
-        return self.length
+        return 50_000  # an "epoch", as CIFAR-10's
 
     def __getitem__(self, index):
-        rng, label = np.random.default_rng(index), index % 10
-        yy, xx = (np.mgrid[0:self.resolution, 0:self.resolution] + 0.5) / self.resolution  # (R, R) in (0, 1)
-        dx, dy = xx - 0.5 - rng.uniform(-0.12, 0.12), yy - 0.5 - rng.uniform(-0.12, 0.12)
-        s = rng.uniform(0.22, 0.32)  # half-size of the shape
-        r, box = np.hypot(dx, dy), np.maximum(abs(dx), abs(dy)) < s
-        band = lambda v: np.floor(v / (0.4 * s)) % 2 == 0  # noqa: E731  (stripes 0.4 s wide)
-        mask = [r < s, np.maximum(abs(dx), abs(dy)) < 0.8 * s, (dy < 0.7 * s) & (abs(dx) < 0.6 * (dy + 0.9 * s)),
-                (r < s) & (r > 0.6 * s), ((abs(dx) < 0.3 * s) & (abs(dy) < s)) | ((abs(dy) < 0.3 * s) & (abs(dx) < s)),
-                box & band(dy), box & band(dx), box & (band(dx) ^ band(dy)), abs(dx) + abs(dy) < s,
-                (np.hypot(dx - 0.5 * s, dy) < 0.4 * s) | (np.hypot(dx + 0.5 * s, dy) < 0.4 * s)][label]
+        rng = np.random.default_rng(index)
+        label = index % 10
+        R = self.resolution
+        yy, xx = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in (0, 1), each (R, R)
+        dx = abs(xx - 0.5 - rng.uniform(-0.12, 0.12))  # distances to a jittered centre
+        dy = abs(yy - 0.5 - rng.uniform(-0.12, 0.12))
+        # each shape is where a distance from the centre is below the size s
+        distance = [np.hypot(dx, dy), np.maximum(dx, dy), dx + dy,
+                    np.minimum(np.maximum(dx, 3 * dy), np.maximum(3 * dx, dy)),
+                    np.maximum(1.7 * dx, dy)][label % 5]
+        s = rng.uniform(0.22, 0.32)
+        inside = (distance < s) & (distance > (0.6 * s if label >= 5 else -1))  # 5-9: outlines
         hue = label / 10 + rng.uniform(-0.02, 0.02)
-        color = np.clip(0.5 + 0.5 * np.cos(2 * np.pi * (hue + np.array([0, 1 / 3, 2 / 3]))), 0, 1)  # (3,)
-        angle = rng.uniform(0, 2 * np.pi)
-        shade = rng.uniform(0.05, 0.3) + 0.15 * ((xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle))
-        image = np.where(mask[..., None], color * rng.uniform(0.8, 1.0), shade[..., None])  # (R, R, 3) in [0, 1]
-        return torch.from_numpy(image.transpose(2, 0, 1) * 2 - 1).float(), label  # (3, R, R) in [-1, 1]
+        color = 0.5 + 0.5 * np.cos(2 * np.pi * (hue + np.array([0, 1 / 3, 2 / 3])))  # (3,) RGB
+        shade = rng.uniform(0.1, 0.3) + 0.1 * (xx - 0.5)  # (R, R) background
+        image = np.where(inside[..., None], color * rng.uniform(0.8, 1.0), shade[..., None])
+        return torch.from_numpy(image.transpose(2, 0, 1) * 2 - 1).float(), label  # (3, R, R)
+
 
 def center_crop_arr(image, resolution):
-    """ADM center crop: box-downsample while the short side >= 2 * resolution, bicubic, then crop."""
-    from PIL import Image
+    """ADM's center crop: box-downsample while the short side >= 2 * resolution, then bicubic to
+    the resolution on the short side, then crop the centre. PIL image -> (R, R, 3) uint8 array."""
     while min(*image.size) >= 2 * resolution:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = resolution / min(*image.size)
-    arr = np.array(image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC))
+    arr = np.array(image.resize(tuple(round(x * scale) for x in image.size), Image.BICUBIC))
     top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
     return arr[top:top + resolution, left:left + resolution]
 
-class ImageFolderDataset(Dataset):
-    """root/<class>/<image>: labels from the sorted class names, ADM center crop, [-1, 1]."""
 
-    EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+def to_tensor(image):
+    """An RGB image (PIL or (H, W, 3) uint8 array) -> (3, H, W) float tensor in [-1, 1]."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
-    def __init__(self, root, resolution):
-        self.resolution, self.samples = resolution, []
-        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if not classes:
-            raise UserError(f"{root} has no class sub-folders: expected {root}/<class>/<image>.png")
-        for label, name in enumerate(classes):
-            folder = os.path.join(root, name)
-            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(self.EXTENSIONS))
-            if not files:
-                raise UserError(f"class folder {folder} holds no images ({', '.join(self.EXTENSIONS)})")
-            self.samples += [(os.path.join(folder, f), label) for f in files]
-        self.num_classes = len(classes)
 
-    def __len__(self):
-        return len(self.samples)
+def load_image(path, resolution):
+    """ImageFolder's loader: the ADM crop, then to_tensor; a file that does not decode is a
+    one-line error naming it."""
+    try:
+        with Image.open(path) as image:
+            return to_tensor(center_crop_arr(image.convert("RGB"), resolution))
+    except Exception as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
 
-    def __getitem__(self, index):
-        from PIL import Image
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                arr = center_crop_arr(image.convert("RGB"), self.resolution)
-        except Exception as e:
-            raise UserError(f"cannot read image {path}: {e}") from None
-        return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1, label  # (3, R, R)
 
-class LatentDataset(Dataset):
-    """SRA/REPA/EDM2 pre-encoded ImageNet: vae-sd/dataset.json and one (8, R/8, R/8) .npy per image holding
-    the VAE posterior's mean and std, returned as stored (fp16 stays fp16); see prepare_batch."""
+class LatentDataset(torch.utils.data.Dataset):
+    """Pre-encoded ImageNet as SRA/REPA/EDM2 write it: vae-sd/dataset.json and one .npy per image
+    of shape (8, R/8, R/8), the SD-VAE posterior's mean and std stacked on the channel axis.
+
+    Items are returned as stored (fp16 stays fp16); prepare_batch draws the latent on the device.
+    A file is opened only when it is read, so start-up does not touch 1.28M files; a missing or
+    bad one is reported then, by name.
+    """
 
     def __init__(self, root, resolution):
         meta = os.path.join(root, "vae-sd", "dataset.json")
         try:
             with open(meta) as f:
-                self.files = [(os.path.join(root, "vae-sd", p), int(label)) for p, label in json.load(f)["labels"]]
+                labels = json.load(f)["labels"]
+            self.files = [(os.path.join(root, "vae-sd", p), int(label)) for p, label in labels]
+            self.num_classes = 1 + max(label for _, label in self.files)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read {meta} ({e}): expected {{\"labels\": [[path, class], ...]}}") from None
-        missing = [p for p, _ in self.files if not os.path.isfile(p)]
-        if missing or not self.files:
-            raise UserError(f"{meta} lists {len(missing)} missing files, e.g. {missing[0]}" if missing
-                            else f"{meta} lists no files")
-        self.num_classes = 1 + max(label for _, label in self.files)
+            raise UserError(f"cannot read {meta} ({e}): expected a non-empty "
+                            f"{{\"labels\": [[path, class], ...]}}") from None
         self.shape = (8, resolution // 8, resolution // 8)
 
     def __len__(self):
@@ -494,78 +605,96 @@ class LatentDataset(Dataset):
             moments = np.load(path)
         except Exception as e:
             raise UserError(f"cannot read latent file {path}: {e}") from None
-        moments = moments[0] if moments.ndim == 4 and moments.shape[0] == 1 else moments
-        if tuple(moments.shape) != self.shape:
-            raise UserError(f"latent file {path} has shape {tuple(moments.shape)}, expected {self.shape} "
+        # (8, h, w), or (1, 8, h, w) as EDM2's tool writes it
+        if moments.shape[-3:] != self.shape or moments.size != np.prod(self.shape):
+            raise UserError(f"latent file {path} has shape {moments.shape}, expected {self.shape} "
                             f"(VAE mean and std at resolution/8): check --resolution")
-        return torch.from_numpy(np.ascontiguousarray(moments)), label
+        return torch.from_numpy(np.ascontiguousarray(moments.reshape(self.shape))), label
 
-def cifar10(root):
-    """torchvision's CIFAR-10 training split in [-1, 1], downloaded when missing and online."""
-    import torchvision
-    import torchvision.transforms as T
-    transform = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
-    for download in (False, True):
-        with contextlib.suppress(Exception):
-            return torchvision.datasets.CIFAR10(root, train=True, download=download, transform=transform)
-    raise UserError(f"CIFAR-10 is not in {root} and could not be downloaded: put cifar-10-batches-py/ there or "
-                    f"run once online")
 
 def build_dataset(args):
-    """The data source named by --dataset/--data-dir; sets args.num_classes, in_channels and input_size."""
-    kind = args.dataset or ("builtin" if args.data_dir is None else "latents" if os.path.isdir(
-        os.path.join(args.data_dir, "vae-sd")) else "folder")
-    if kind in ("latents", "folder") and not (args.data_dir and os.path.isdir(args.data_dir)):
-        raise UserError(f"data folder {args.data_dir!r} does not exist: pass --data-dir, or omit it for the "
-                        f"built-in data")
-    args.resolution = R = args.resolution or (32 if kind in ("builtin", "cifar10") else 256)
+    """The data that --dataset / --data-dir name. Fills in args.dataset (the kind), resolution,
+    num_classes, and the model's in_channels and input_size."""
+    from torchvision import datasets
+    kind = args.dataset
+    if kind is None:  # inferred: no folder -> built-in; a folder with vae-sd/ -> latents
+        has_latents = os.path.isdir(os.path.join(args.data_dir or "", "vae-sd"))
+        kind = "builtin" if args.data_dir is None else "latents" if has_latents else "folder"
+    if kind in ("latents", "folder") and not os.path.isdir(args.data_dir or ""):
+        raise UserError(f"data folder {args.data_dir} does not exist")
+    R = args.resolution or (256 if kind in ("latents", "folder") else 32)
+    if kind == "latents" and R % 8:
+        raise UserError(f"--resolution {R} is not divisible by 8 (the SD-VAE's downsampling)")
     if kind == "latents":
-        if R % 8:
-            raise UserError(f"--resolution {R} is not divisible by 8 (the SD-VAE downsamples by 8)")
-        dataset, shape = LatentDataset(args.data_dir, R), (4, R // 8)  # (channels, input size) of the model
-    elif kind == "folder":
-        dataset, shape = ImageFolderDataset(args.data_dir, R), (3, R)
-    elif kind == "cifar10":
-        dataset, shape = cifar10(args.data_dir or "data/cifar10"), (3, 32)
+        dataset = LatentDataset(args.data_dir, R)
+    elif kind == "folder":  # labels from the sorted class folder names
+        try:
+            dataset = datasets.ImageFolder(args.data_dir, loader=partial(load_image, resolution=R))
+        except FileNotFoundError as e:  # no class folders, or a class folder without images
+            raise UserError(f"image folder {args.data_dir}: {e}") from None
+        dataset.num_classes = len(dataset.classes)
+    elif kind == "cifar10":  # torchvision's: read from --data-dir, downloaded there if missing
+        try:
+            dataset = datasets.CIFAR10(args.data_dir, download=True, transform=to_tensor)
+        except Exception as e:  # offline, and not there
+            raise UserError(f"CIFAR-10 is not in {args.data_dir} and cannot be downloaded ({e})")
+        R = 32
+    elif kind == "synthetic":  # --bench: random inputs and labels, the shape of --bench-shape
+        count = 64 * args.batch_size
+        labels = torch.arange(count) % args.num_classes
+        dataset = TensorDataset(torch.randn(count, *args.bench_shape), labels)
+        dataset.num_classes = args.num_classes
+        R = args.bench_shape[1]
     else:
-        dataset, shape = ShapesDataset(R), (3, R)
-    args.in_channels, args.input_size = shape
-    inferred = getattr(dataset, "num_classes", 10)
-    if (args.num_classes or inferred) < inferred:
-        raise UserError(f"--num-classes {args.num_classes} is smaller than the {inferred} classes in the data")
-    args.num_classes, args.dataset = args.num_classes or inferred, kind
-    if args.input_size % int(args.model.split("/")[1]):
-        raise UserError(f"input size {args.input_size} (from --resolution {args.resolution}) is not divisible by "
-                        f"the patch size {args.model.split('/')[1]} of {args.model}")
+        dataset = ShapesDataset(R)
+    channels = {"latents": 4, "synthetic": args.bench_shape[0]}.get(kind, 3)
+    args.in_channels, args.input_size = channels, R // 8 if kind == "latents" else R
+    found = getattr(dataset, "num_classes", 10)
+    if (args.num_classes or found) < found:
+        raise UserError(f"--num-classes {args.num_classes} is below the data's {found} classes")
+    args.num_classes = args.num_classes or found
+    args.dataset = kind
+    args.resolution = R
     return dataset
 
+
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start mid-epoch (`skip` samples in), so a resumed run sees the same batches."""
+    """A DistributedSampler that can start `skip` samples into an epoch, so that a resumed run
+    sees exactly the batches that the interrupted one would have seen."""
 
     skip = 0
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.skip, None)
 
+
+def epochs_of(loader, sampler, first_epoch):
+    """(epoch, x, y) forever, from `first_epoch` on; the sampler's `skip` applies to it alone."""
+    for epoch in itertools.count(first_epoch):
+        sampler.set_epoch(epoch)  # the shuffled order is a function of (seed, epoch)
+        for x, y in loader:
+            yield epoch, x, y
+        sampler.skip = 0
+
+
 def prepare_batch(x, kind, generator):
-    """On-device latent sampling or random flips, drawn from the (checkpointed) training generator."""
-    if kind == "latents":  # z = (mean + std * eps) * 0.18215: a fresh posterior sample every step
+    """On the device: draw the latent from its stored posterior, or flip images at random. Both
+    draw from the training generator, which checkpoints hold."""
+    if kind == "latents":  # z = (mean + std * eps) * 0.18215: a fresh posterior sample each step
         mean, std = x.float().chunk(2, dim=1)
-        return (mean + std * torch.randn(mean.shape, device=x.device, generator=generator)) * 0.18215
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5  # random horizontal flip
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        noise = torch.randn(mean.shape, device=x.device, generator=generator)
+        return (mean + std * noise) * 0.18215
+    flip = torch.rand(len(x), device=x.device, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)  # random horizontal flips
 
 
-# ----------------------------------------------------------------------------------------------------
-# Helpers: distributed setup, checkpoints, logging
-
-def unwrap(model):
-    """The plain DiT inside DDP and/or torch.compile wrappers (for state dicts and the EMA)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+# ==================================================================================================
+# Helpers: distributed setup, logging, checkpoints, FLOPs, compilation
+# ==================================================================================================
 
 def setup_distributed(timeout_s=1800):
-    """(ddp, rank, world_size, device). DDP when torchrun set RANK; the GPU comes from LOCAL_RANK, not RANK."""
+    """-> (ddp, rank, world_size, device). DDP when torchrun set RANK. The GPU is LOCAL_RANK's:
+    the global rank would point past the GPUs of a node."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return False, 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -575,36 +704,63 @@ def setup_distributed(timeout_s=1800):
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return True, dist.get_rank(), dist.get_world_size(), device
 
+
+class Logger:
+    """Rank 0's output: lines on stdout (above tqdm's progress bar), log.txt and metrics.jsonl."""
+
+    def __init__(self, run_dir, quiet):
+        self.run_dir = run_dir
+        self.quiet = quiet  # ranks other than 0, and the benchmark, say nothing
+
+    def write(self, name, line):
+        """Append a line to a file of the run folder."""
+        if self.run_dir and os.path.isdir(self.run_dir) and not self.quiet:  # once it exists
+            with open(os.path.join(self.run_dir, name), "a") as f:
+                f.write(line + "\n")
+
+    def info(self, message):
+        """A time-stamped line on stdout and in log.txt."""
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        if not self.quiet:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        self.write("log.txt", line)
+
+
 def atomic_save(obj, path):
-    """torch.save to path.tmp, fsync, then rename: a crash leaves the old file or the new one, never half."""
+    """torch.save to path.tmp, fsync, rename: a crash leaves the old file or the new one, never
+    half of one."""
     with open(f"{path}.tmp", "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+    os.replace(f"{path}.tmp", path)  # atomic: readers see the old file or the new one
+
 
 def load_checkpoint(path):
-    """Load a training checkpoint with weights_only=True (no code can run); UserError if it is not one."""
+    """A training checkpoint of sra.py, loaded with weights_only=True: no code in it can run."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official ones hold args
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
-        raise UserError(f"{path} is not a loadable checkpoint ({reason})") from None
+        raise UserError(f"{path} is not a loadable checkpoint ({error_line(e)[:200]})") from None
+    if isinstance(ckpt, dict) and "steps" in ckpt and "ema" in ckpt:
+        raise UserError(f"{path} is a checkpoint of the official SRA/REPA trainer, which sra.py "
+                        f"does not resume; sample from it with: python sample.py --ckpt {path}")
     if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= ckpt.keys():
-        raise UserError(f"{path} is not an sra.py training checkpoint (needs model, ema, opt, step, args)")
+        raise UserError(f"{path} is not a training checkpoint of sra.py")
     return ckpt
 
+
 def list_checkpoints(run_dir):
-    """Step checkpoints of a run, newest first (temporary *.tmp files are never listed)."""
+    """The step checkpoints of a run, newest first (unfinished *.tmp files are never listed)."""
     paths = glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
     return sorted((p for p in paths if os.path.basename(p)[:-3].isdigit()), reverse=True)
 
+
 def find_resume_checkpoint(run_dir, log):
-    """--resume auto: the newest checkpoint that loads; unreadable ones are reported and skipped."""
+    """--resume auto -> (path, checkpoint) of the newest checkpoint that loads, or (None, None).
+    Unreadable ones (a crash, a full disk) are reported and skipped."""
     for path in list_checkpoints(run_dir):
         try:
             return path, load_checkpoint(path)
@@ -613,9 +769,11 @@ def find_resume_checkpoint(run_dir, log):
     log(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
     return None, None
 
+
 def prune_checkpoints(run_dir, keep_last, keep_every, current):
-    """Delete all but the newest `keep_last` step checkpoints up to step `current` (the one just written),
-    sparing multiples of `keep_every`; a newer, unreadable file never pushes the fresh one out."""
+    """Delete all but the newest `keep_last` checkpoints up to step `current` (the one just
+    written), sparing multiples of `keep_every`: a newer, unreadable file never pushes the fresh
+    checkpoint out."""
     steps = {path: int(os.path.basename(path)[:-3]) for path in list_checkpoints(run_dir)}
     older = [path for path, step in steps.items() if step <= current]  # newest first
     for path in older[keep_last:]:
@@ -623,362 +781,400 @@ def prune_checkpoints(run_dir, keep_last, keep_every, current):
             os.remove(path)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (SXM parts), for MFU
+PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}
 
-def build(args, device):
-    """The model (with the projector unless --no-sra), its EMA teacher, AdamW and the fp16 loss scaler."""
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net_args = dict(input_size=args.input_size, in_channels=args.in_channels, num_classes=args.num_classes,
-                    class_dropout_prob=args.cfg_prob, learn_sigma=args.learn_sigma)
-    model = MODELS[args.model](**net_args, projector=not args.no_sra).to(device)
-    model.grad_checkpointing = args.grad_checkpointing
-    ema = MODELS[args.model](**net_args).to(device).requires_grad_(False).eval()  # backbone only, no projector
-    ema.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ap_head.")})  # a copy
-    pairs = (list(ema.parameters()), [model.get_parameter(name) for name, _ in ema.named_parameters()])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                            eps=args.adam_epsilon, fused=device.type == "cuda")
-    return model, ema, pairs, opt, torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-
-def train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, generator, autocast, weight, sums,
-               nan=False):
-    """One optimizer step over the micro-batches, then the EMA update. Adds (denoise, align, cos, grad norm,
-    non-finite) to the device tensor `sums`; returns the epoch and whether an fp16 overflow skipped the step."""
-    ddp, accum = isinstance(model, nn.parallel.DistributedDataParallel), args.gradient_accumulation_steps
-    for micro in range(accum):
-        epoch, (x, y) = next(data)
-        x = prepare_batch(x.to(sums.device, non_blocking=True), args.dataset, generator)
-        y = y.to(sums.device, non_blocking=True)
-        with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():  # one grad sync a step
-            with autocast:
-                denoise, align, cos = training_losses(model, ema, x, y, args, diffusion, generator)
-                loss = (denoise + weight * align) / accum  # L = L_denoise + lambda * L_align
-            loss = loss * float("nan") if nan else loss  # test hook (--fault-nan-at)
-            scaler.scale(loss).backward()
-        sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
-    scaler.unscale_(opt)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    sums[3:] += torch.stack([grad_norm, (~torch.isfinite(loss.detach())).float()])
-    scale = scaler.get_scale() if scaler.is_enabled() else None
-    scaler.step(opt)  # a plain opt.step() when the scaler is disabled
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    update_ema(*ema_pairs, args.ema_decay)
-    return epoch, scale is not None and scaler.get_scale() < scale  # fp16 overflow: a skipped step, not a crash
-
-def main(args):
-    """Train a DiT/SiT with SRA (or vanilla with --no-sra); rank 0 logs, samples and checkpoints."""
-    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    dataset = build_dataset(args)
-    run_dir = os.path.join(args.output_dir, args.exp_name)
-    if rank == 0:  # rank 0 writes the run folder and logs (stdout, log.txt, metrics.jsonl); the others are silent
-        for sub in ("checkpoints", "samples"):
-            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        text, metrics = (open(os.path.join(run_dir, name), "a", buffering=1) for name in ("log.txt", "metrics.jsonl"))
-
-    def log(message):
-        for out in (sys.stdout, text) if rank == 0 else ():
-            print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}", file=out, flush=True)
-
-    model, ema, ema_pairs, opt, scaler = build(args, device)
-    log(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters) on {args.dataset} data "
-        f"({len(dataset)} items, {args.num_classes} classes, {args.in_channels}x{args.input_size}x{args.input_size}),"
-        f" {world_size} process(es) on {device}, " + ("vanilla (--no-sra)" if args.no_sra else f"SRA blocks "
-        f"{args.block_out_s}->{args.block_out_t}, t_max {args.t_max}, {args.loss_type} x {args.align_weight}"))
-    # Training randomness (noise, times, label dropout, flips, latent samples) comes from one generator per
-    # rank, seeded seed * world_size + rank, and is checkpointed: a resumed run draws the same numbers.
-    generator = torch.Generator(device).manual_seed(args.seed * world_size + rank)
-
-    step, last_ckpt, ckpt = 0, None, None
-    if args.resume == "auto":
-        last_ckpt, ckpt = find_resume_checkpoint(run_dir, log)
-    elif args.resume:
-        last_ckpt, ckpt = args.resume, load_checkpoint(args.resume)
-    if ckpt is not None:
-        try:
-            for part, key in ((model, "model"), (ema, "ema"), (opt, "opt"), (scaler, "scaler")):
-                part.load_state_dict(ckpt[key])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{last_ckpt} does not fit {args.model} with these flags: {str(e).splitlines()[0]}")
-        step = ckpt["step"]
-        if len(ckpt["rng"]) == world_size:
-            generator.set_state(ckpt["rng"][rank])
-        else:  # another process count cannot replay the old streams: fresh, distinct ones
-            generator.manual_seed((args.seed * world_size + rank) * 1_000_003 + step)
-        log(f"resumed from {last_ckpt} at step {step}")
-
-    # Data: each rank reads its shard of a shuffled order that depends only on (seed, epoch).
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                               drop_last=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, drop_last=True)
-    micro_per_epoch, accum = len(loader), args.gradient_accumulation_steps
-    if micro_per_epoch < accum:
-        raise UserError(f"{len(dataset)} items make less than one step of {args.batch_size} x {world_size} x "
-                        f"{accum}: lower --batch-size")
-    total_steps = min(args.max_train_steps or math.inf, args.epochs * (micro_per_epoch // accum))
-
-    def batches(epoch, skip):
-        """(epoch, batch) forever from the resume position: `skip` micro-batches into `epoch`."""
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.skip = skip * args.batch_size
-            yield from ((epoch, batch) for batch in loader)
-            epoch, skip = epoch + 1, 0
-
-    epoch, skip = divmod(step * accum, micro_per_epoch)  # the resume position
-    data = batches(epoch, skip)
-    if args.compile:  # where compiling fails, dynamo falls back to eager with a warning
-        torch._dynamo.config.suppress_errors, model = True, torch.compile(model)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    model.train()
-    diffusion = GaussianDiffusion.linear() if args.family == "DiT" else None
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    stop = []  # SIGTERM (preemption): checkpoint at the current step, then exit
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
-
-    def checkpoint():
-        """Rank 0 writes a complete checkpoint atomically, holding every rank's generator state."""
-        nonlocal last_ckpt
-        states = [generator.get_state()] * world_size
-        if ddp:
-            dist.all_gather_object(states, generator.get_state())
-        if rank == 0:
-            last_ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-            atomic_save({"model": unwrap(model).state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "args": vars(args), "step": step, "epoch": epoch,
-                         "rng": states}, last_ckpt)
-            if args.keep_last:  # only now that the new checkpoint is safely on disk
-                prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
-            log(f"saved checkpoint {last_ckpt}")
-
-    sums = torch.zeros(5, device=device)  # running denoise, align, cos, grad norm, non-finite losses
-    skipped, timer, logged_step = 0, time.time(), step
-    log(f"training steps {step} -> {total_steps}, global batch {args.batch_size * world_size * accum}")
-    while step < total_steps:
-        weight = align_weight(step, args.align_weight, args.align_decay_start, args.align_decay_steps)
-        epoch, skip = train_step(model, ema, opt, scaler, ema_pairs, data, args, diffusion, generator, autocast,
-                                 weight, sums, nan=args.fault_nan_at == step + 1)
-        skipped, step = skipped + skip, step + 1
-        log_now, save_now = step % args.log_every == 0 or step == total_steps, step % args.checkpoint_steps == 0
-        stopping = bool(stop) and not ddp  # under DDP the ranks agree on stopping at log steps (below)
-        if log_now or save_now or stopping:  # the only host-device syncs of the loop
-            stats = sums.clone()
-            if ddp:
-                dist.all_reduce(stats)
-                stats /= world_size
-            if stats[4] > 0:  # never checkpoint non-finite weights
-                raise UserError(f"non-finite loss by step {step}; stopping. Last good checkpoint: "
-                                f"{last_ckpt or 'none yet'} (resume from it, perhaps with a lower learning rate)")
-        if log_now:
-            n, elapsed = step - logged_step, time.time() - timer
-            denoise, align, cos, grad = (stats[:4] / n).tolist()
-            images_per_s = n * args.batch_size * world_size * accum / elapsed
-            log(f"step {step}/{total_steps} | loss {denoise + weight * align:.4f} | denoise {denoise:.4f} | align "
-                f"{align:.4f} (cos {cos:.3f}) | grad {grad:.3f} | {n / elapsed:.2f} it/s {images_per_s:.1f} img/s"
-                f" | ETA {(total_steps - step) * elapsed / n / 60:.1f} min")
-            if rank == 0:
-                metrics.write(json.dumps(dict(step=step, epoch=epoch, gen_loss=denoise, align_loss=align,
-                                              align_cos=cos, align_weight=weight, grad_norm=grad,
-                                              lr=opt.param_groups[0]["lr"], img_per_s=images_per_s,
-                                              skipped_steps=int(skipped))) + "\n")
-            sums.zero_()
-            timer, logged_step = time.time(), step
-            if ddp:  # every rank must stop at the same step
-                flag = torch.tensor([float(bool(stop))], device=device)
-                dist.all_reduce(flag)
-                stopping = flag.item() > 0
-        if save_now or step == total_steps or stopping:
-            checkpoint()
-        if rank == 0 and args.sample_steps and step % args.sample_steps == 0:
-            import sample  # image making (samplers, VAE, grids) lives in sample.py
-            sample.training_grid(ema, args, step, device, run_dir, log)
-        if stopping:
-            log(f"received SIGTERM: checkpoint {last_ckpt} written at step {step}; continue with --resume auto")
-            break
-    log(f"done: {step} steps, last checkpoint {last_ckpt}")
-    if ddp:
-        dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Benchmark (--bench): step time, images/s, MFU and the SRA overhead, on synthetic batches
-
-PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}  # dense bf16/fp16 tensor-core peaks (SXM parts)
 
 def forward_flops(model, depth=None):
-    """FLOPs (2 per multiply-add; DiT's "118.6 GFLOPs" count multiply-adds) of one image's forward through
-    `depth` blocks or all of them and the final layer. Per block: qkv, proj and MLP matmuls 24*T*D^2,
-    attention 4*T^2*D, adaLN 12*D^2; patch embedding 2*T*p^2*C*D; final layer 2*T*D*p^2*C_out + 4*D^2."""
-    T, D, p = (model.input_size // model.patch_size) ** 2, model.hidden_size, model.patch_size
-    flops = (depth or model.depth) * (24 * T * D * D + 4 * T * T * D + 12 * D * D) + 2 * T * p * p * model.in_channels * D
-    return flops + (2 * T * D * p * p * model.out_channels + 4 * D * D if depth is None else 0)
+    """FLOPs of one image's forward through `depth` blocks, or through all of them and the final
+    layer. 2 FLOPs per multiply-add (DiT's "118.6 GFLOPs" counts multiply-adds). Per block: the
+    qkv, proj and MLP matmuls 24 T D^2, attention 4 T^2 D, adaLN 12 D^2; patch embedding
+    2 T p^2 C D; final layer 2 T D p^2 C_out + 4 D^2."""
+    T = (model.input_size // model.patch_size) ** 2
+    D = model.hidden_size
+    flops = (depth or len(model.blocks)) * (24 * T * D * D + 4 * T * T * D + 12 * D * D)
+    flops += 2 * T * model.patch_size ** 2 * model.in_channels * D  # the patch embedding
+    if depth is None:  # the final layer
+        flops += 2 * T * D * model.patch_size ** 2 * model.out_channels + 4 * D * D
+    return flops
+
 
 def train_flops(model, args):
-    """Per image: 3 forwards (forward + backward), and for SRA the projector (3 x 8*T*D^2) and the teacher."""
+    """FLOPs per training image: forward + backward = 3 forwards; SRA adds the projector (3 x its
+    8 T D^2) and the teacher's partial forward."""
     T = (model.input_size // model.patch_size) ** 2
     sra_flops = 24 * T * model.hidden_size ** 2 + forward_flops(model, args.block_out_t)
     return 3 * forward_flops(model) + (0 if args.no_sra else sra_flops)
 
-def median_time(fn, repeats, warmup, device):
-    """(median, min, max) wall-clock seconds of fn() after `warmup` untimed calls."""
-    times = []
-    for _ in range(warmup + repeats):
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        times.append(time.perf_counter() - start)
-    times = sorted(times[warmup:])
-    return times[len(times) // 2], times[0], times[-1]
 
-def bench(args):
-    """Time the vanilla and the SRA training step (and optionally the sampler); print one JSON line each."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    C, H, W = args.bench_shape or (4, (args.resolution or 256) // 8, (args.resolution or 256) // 8)
-    if H != W or H % int(args.model.split("/")[1]):
-        raise UserError(f"--bench-shape needs square inputs divisible by the patch of {args.model}")
-    args.dataset, args.num_classes, args.in_channels, args.input_size, B = "bench", 1000, C, H, args.batch_size
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+# SIGTERM (a scheduler's preemption) only sets this flag: the loop finishes its step, writes a
+# checkpoint and exits 0
+STOP_REQUESTED = threading.Event()
+
+
+def on_sigterm(signum, frame):
+    """The SIGTERM handler."""
+    STOP_REQUESTED.set()
+
+
+# ==================================================================================================
+# Training
+# ==================================================================================================
+
+def build(args, device):
+    """The model (with the projector unless --no-sra), its EMA teacher, AdamW and the fp16 loss
+    scaler. Every rank builds the same initial weights from args.seed."""
+    torch.manual_seed(args.seed)
+    spec = dict(input_size=args.input_size, in_channels=args.in_channels,
+                num_classes=args.num_classes, class_dropout_prob=args.cfg_prob,
+                learn_sigma=args.learn_sigma)
+    model = MODELS[args.model](**spec, projector=not args.no_sra).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
+    # The EMA starts as an exact copy of the backbone. It never holds the projector, which only
+    # the student uses.
+    ema = MODELS[args.model](**spec).to(device).requires_grad_(False).eval()
+    ema.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ap_")})
+    # Fused AdamW reads its step counts and the loss scaler's inf flag on the device: no sync
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_epsilon,
+                            betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.adam_weight_decay, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    return model, ema, opt, scaler
+
+
+def main(args):
+    """Train a DiT/SiT with SRA (vanilla with --no-sra). With --bench, the same loop runs on
+    synthetic batches, writes nothing, and returns its timings."""
+    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+    dataset = build_dataset(args)
+    model, ema, opt, scaler = build(args, device)
+    raw_model = model  # the plain module, for state dicts and the EMA, whatever wraps `model`
+    parts = {"model": raw_model, "ema": ema, "opt": opt, "scaler": scaler}  # what checkpoints hold
+
+    # ---- Resume. Every input check passes before the run folder is made (after the data).
+    run_dir = None if args.bench else os.path.abspath(os.path.join(args.output_dir, args.exp_name))
+    if run_dir and list_checkpoints(run_dir) and not args.resume:
+        raise UserError(f"{run_dir} already holds checkpoints: continue that run with --resume "
+                        f"auto, or start a new one with another --exp-name")
+    logger = Logger(run_dir, quiet=rank != 0 or args.bench)
+    resume_path, ckpt = args.resume, None
+    if args.resume == "auto":
+        resume_path, ckpt = find_resume_checkpoint(run_dir, logger.info)
+    elif args.resume:
+        ckpt = load_checkpoint(args.resume)
+    try:  # the checkpoint must fit the model and the flags
+        for key, part in parts.items() if ckpt is not None else ():
+            part.load_state_dict(ckpt[key])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{resume_path} does not fit {args.model} and these flags: {error_line(e)}")
+
+    # ---- Random streams. Training randomness (label dropout, noise, times, flips, latents) comes
+    # from one generator per rank, seeded seed * world_size + rank, and checkpoints hold every
+    # rank's state: a resumed run draws the very numbers the interrupted one would have drawn.
+    # (Resumed with another process count, the old streams cannot be replayed: fresh ones.)
+    step = 0 if ckpt is None else ckpt["step"]
+    seed = args.seed * world_size + rank + 1_000_003 * step
+    generator = torch.Generator(device).manual_seed(seed)
+    if ckpt is not None and len(ckpt["rng"]) == world_size:
+        generator.set_state(ckpt["rng"][rank])
+
+    # ---- Data. Each rank reads its shard of a shuffled order that depends only on (seed, epoch),
+    # from where the checkpoint left off (mid-epoch if need be).
+    accum = args.gradient_accumulation_steps
+    sampler = ResumableSampler(dataset, world_size, rank, seed=args.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.num_workers > 0)
+    if len(loader) < accum:
+        raise UserError(f"{len(dataset)} items make less than one step: lower --batch-size")
+    epoch, skip = divmod(step * accum, len(loader))  # the micro-batch to resume at
+    sampler.skip = skip * args.batch_size
+    batches = epochs_of(loader, sampler, epoch)
+    total_steps = min(args.max_train_steps, args.epochs * (len(loader) // accum))
+    if run_dir and rank == 0:  # every input check has passed: now the run folder is made
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    if ckpt is not None:
+        logger.info(f"resumed from {resume_path} at step {step}")
+
+    # ---- Speed: DDP, then torch.compile; bf16 autocast; the DiT tables live on the device
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    data = itertools.repeat((0, (torch.randn(B, C, H, W), torch.randint(0, 1000, (B,)))))
-    steps, diffusion = args.bench_steps or (20 if device.type == "cuda" else 3), GaussianDiffusion.linear()
-    for no_sra in (True, False):  # the vanilla step first: the SRA one reports its ratio to it
-        args.no_sra = no_sra  # build() and train_step() read it from args
-        model, ema, pairs, opt, scaler = build(args, device)
-        net, sums = torch.compile(model) if args.compile else model, torch.zeros(5, device=device)
-        generator = torch.Generator(device).manual_seed(0)
-        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-        med, low, high = median_time(lambda: train_step(net, ema, opt, scaler, pairs, data, args, diffusion,
-                                                        generator, autocast, args.align_weight, sums), steps, 2, device)
-        flops = train_flops(model, args)
-        r = dict(model=args.model, sra=not args.no_sra, batch=B, shape=[C, H, W], dtype=args.mixed_precision,
-                 device=name, compile=args.compile, grad_checkpointing=args.grad_checkpointing, step_s_median=med,
-                 step_s_min=low, step_s_max=high, img_per_s=B / med,
-                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-                 flops_per_img=flops, tflops=flops * B / med / 1e12, mfu=flops * B / med / 1e12 / peak if peak else None)
-        if not args.no_sra:  # where the SRA step's time goes: teacher forward, EMA update, optimizer step
-            (x, y), t = (v.to(device) for v in next(data)[1]), torch.rand(B, device=device)
-            teacher = torch.no_grad()(autocast(lambda: ema.forward_features(x, t, y, args.block_out_t)))
-            for p in opt.param_groups[0]["params"]:  # zero_grad dropped the gradients: AdamW would skip them
-                p.grad = torch.zeros_like(p)
-            for part, fn in (("teacher", teacher), ("ema", lambda: update_ema(*pairs, args.ema_decay)),
-                             ("optimizer", opt.step)):
-                r[f"{part}_frac"] = median_time(fn, steps, 1, device)[0] / med
-            r.update(sra_overhead_ratio=med / vanilla["step_s_median"], flop_ratio=flops / vanilla["flops_per_img"])
-        vanilla = r
-        print(json.dumps(r), flush=True)
-    if args.bench_sample:  # the paper's sampler: SDE (DDPM for DiT) with CFG 1.8 on t in [0, 0.7]
-        import sample
-        z, y, mode = torch.randn(B, C, H, W, device=device), torch.arange(B, device=device) % 1000, \
-            "ddpm" if args.family == "DiT" else "sde"
-        seconds = median_time(lambda: sample.generate(ema, z, y, mode=mode, num_steps=args.bench_sample, cfg_scale=1.8,
-                                                      guidance_high=0.7), 1, 0, device)[0]
-        print(json.dumps(dict(model=args.model, sampler=mode, num_steps=args.bench_sample, cfg_scale=1.8, batch=B,
-                              device=name, seconds=seconds, img_per_s=B / seconds)), flush=True)
+    diffusion = GaussianDiffusion.linear(device=device) if args.family == "DiT" else None
+    if args.compile:  # after DDP, so that DDP's bucketed all-reduce overlaps the compiled backward
+        try:
+            torch.compile(torch.sin)(torch.zeros(1, device=device))  # can this machine compile?
+            torch._dynamo.config.suppress_errors = True  # a graph that still fails runs eagerly
+            model = torch.compile(model)
+            ema.forward_features = torch.compile(ema.forward_features)  # the teacher's forward
+        except Exception as e:
+            logger.info(f"torch.compile failed ({error_line(e)}): training without it")
+    model.train()
+    ema_params = list(ema.parameters())
+    model_params = [raw_model.get_parameter(name) for name, _ in ema.named_parameters()]
+    flops_per_image = train_flops(raw_model, args)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    STOP_REQUESTED.clear()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # a CPU group for the stop flag, as quick to give up on a hung peer as the main group
+    timeout = timedelta(seconds=args.dist_timeout)
+    stop_group = dist.new_group(backend="gloo", timeout=timeout) if ddp else None
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
+               disable=logger.quiet or not sys.stdout.isatty())  # on a terminal only
+    # Running sums on the device (denoising loss, alignment loss, cosine, gradient norm, steps
+    # with a non-finite gradient), read by the host only at log and checkpoint steps
+    sums = torch.zeros(5, device=device)
+    skipped_steps = 0
+    last_ckpt = resume_path
+    step_times = []
+    timer = time.perf_counter()
+    logged_step = step
+    batch = args.batch_size * world_size * accum
+    logger.info(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters), "
+                f"{world_size} process(es) on {device}, global batch {batch}, steps {step} -> "
+                f"{total_steps}; every setting is in args.json")
+
+    # ==============================================================================================
+    # The training loop: one optimizer step per iteration
+    # ==============================================================================================
+    while step < total_steps:
+        weight = align_weight(step, args.align_weight, args.align_decay_start,
+                              args.align_decay_steps)
+        # 1. Micro-batches. DDP all-reduces gradients during backward; no_sync skips that on all
+        #    but the last micro-batch, so a step costs one all-reduce.
+        for micro in range(accum):
+            epoch, x, y = next(batches)
+            x = prepare_batch(x.to(device, non_blocking=True), args.dataset, generator)
+            y = y.to(device, non_blocking=True)
+            with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
+                # 2. The SRA loss: L = L_denoise + lambda * L_align (student vs EMA teacher)
+                with autocast:
+                    denoise, align, cos = training_losses(model, ema, x, y, args, diffusion,
+                                                          generator)
+                    loss = (denoise + weight * align) / accum
+                # 3. Backward; fp16 scales the loss so that small gradients do not underflow
+                scaler.scale(loss).backward()
+            sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
+        # 4. Unscale and clip. A non-finite norm is an fp16 overflow: the scaler skips this step
+        #    and lowers its scale. In bf16/fp32 it stops the run at the next check.
+        scaler.unscale_(opt)
+        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        finite = torch.isfinite(grad_norm)
+        sums[3:] += torch.stack([torch.where(finite, grad_norm, 0.0), (~finite).float()])
+        # 5. The optimizer step (a plain opt.step() when the scaler is off)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        # 6. The EMA teacher follows the student
+        update_ema(ema_params, model_params, args.ema_decay)
+        step += 1
+        bar.update()
+
+        # 7. Preemption: the ranks agree over the CPU group (no GPU sync) to stop after this step
+        flag = torch.tensor([float(STOP_REQUESTED.is_set())])  # on the CPU
+        if ddp:
+            dist.all_reduce(flag, group=stop_group)
+        stopping = flag.item() > 0
+        log_now = step % args.log_every == 0 or step == total_steps
+        save_now = step % args.checkpoint_steps == 0 or step == total_steps or stopping
+        # 8. Check the sums: the only place where the host waits for the device. Nothing
+        #    non-finite is ever logged as progress or checkpointed.
+        if log_now or save_now:
+            if ddp:  # the mean over ranks (a mean of equal means is that mean, so this is safe)
+                dist.all_reduce(sums)
+                sums /= world_size
+            denoise, align, cos, grad, nonfinite = sums.tolist()
+            if not math.isfinite(denoise + align) or (nonfinite and not scaler.is_enabled()):
+                raise UserError(f"non-finite loss or gradient by step {step}; stopping. Last good "
+                                f"checkpoint: {last_ckpt} (resume from it, maybe with a lower lr)")
+        # 9. Log: one line (and the progress bar), one JSON record in metrics.jsonl
+        if log_now:
+            n = step - logged_step
+            elapsed = time.perf_counter() - timer
+            step_times.append(elapsed / n)
+            skipped_steps += round(nonfinite)
+            denoise, align, cos, grad = denoise / n, align / n, cos / n, grad / n
+            images_per_s = n * args.batch_size * world_size * accum / elapsed
+            mfu = flops_per_image * images_per_s / world_size / peak / 1e12 if peak else None
+            mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu else ""  # where the GPU's peak is known
+            logger.info(f"step {step}/{total_steps} | loss {denoise + weight * align:.4f} | "
+                        f"denoise {denoise:.4f} | align {align:.4f} (cos {cos:.3f}) | "
+                        f"grad {grad:.3f} | {images_per_s:.1f} img/s{mfu_text} | "
+                        f"ETA {(total_steps - step) * elapsed / n / 60:.1f} min")
+            bar.set_postfix_str(f"loss {denoise + weight * align:.4f} align {align:.4f}")
+            logger.write("metrics.jsonl", json.dumps(dict(step=step, epoch=epoch, gen_loss=denoise,
+                align_loss=align, align_cos=cos, align_weight=weight, grad_norm=grad, mfu=mfu,
+                lr=opt.param_groups[0]["lr"], img_per_s=images_per_s, skipped_steps=skipped_steps)))
+            sums.zero_()
+            timer = time.perf_counter()
+            logged_step = step
+        # 10. Checkpoint: rank 0 writes the parts, the step and every rank's random stream,
+        #     atomically; only then are old checkpoints pruned
+        if save_now and run_dir:  # (the benchmark saves nothing)
+            rng = [generator.get_state()] * world_size
+            if ddp:
+                dist.all_gather_object(rng, generator.get_state())
+            if rank == 0:
+                last_ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+                state = {key: part.state_dict() for key, part in parts.items()}
+                state.update(args=vars(args), step=step, epoch=epoch, rng=rng)
+                atomic_save(state, last_ckpt)
+                if args.keep_last:
+                    prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
+                logger.info(f"saved checkpoint {last_ckpt}")
+        if stopping:
+            logger.info(f"SIGTERM: stopped at step {step}; continue with --resume auto")
+            break
+
+    bar.close()
+    logger.info(f"done: {step} steps, last checkpoint {last_ckpt}")
+    if ddp:
+        dist.destroy_process_group()
+    # The benchmark's figures: the median of the timed steps, each clocked at a log step (where
+    # the host waits for the device). Images/s and TFLOP/s count the whole job; MFU is per GPU.
+    seconds = statistics.median(step_times[BENCH_WARMUP:] or [math.nan])
+    tflops = flops_per_image * args.batch_size * accum / seconds / 1e12
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return dict(model=args.model, sra=not args.no_sra, batch=args.batch_size,
+                shape=args.bench_shape, dtype=args.mixed_precision, device=device_name,
+                world_size=world_size, compile=args.compile, step_s_median=seconds,
+                grad_checkpointing=args.grad_checkpointing, peak_mem_gb=peak_mem,
+                img_per_s=args.batch_size * accum * world_size / seconds,
+                tflops=tflops * world_size, flops_per_img=flops_per_image,
+                mfu=tflops / peak if peak else None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line (flags of the official train.py are accepted unchanged)
+BENCH_WARMUP = 2  # untimed steps first: the first step allocates (and compiles, with --compile)
+
+
+def bench(args):
+    """--bench: main()'s training loop on synthetic batches, vanilla then SRA, logging every step;
+    one JSON line each. Under torchrun it measures the DDP step."""
+    vanilla = main(argparse.Namespace(**{**vars(args), "no_sra": True}))
+    with_sra = main(argparse.Namespace(**{**vars(args), "no_sra": False}))
+    with_sra["sra_overhead_ratio"] = with_sra["step_s_median"] / vanilla["step_s_median"]
+    with_sra["flop_ratio"] = with_sra["flops_per_img"] / vanilla["flops_per_img"]
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(vanilla), json.dumps(with_sra), sep="\n", flush=True)
+
+
+# ==================================================================================================
+# Command line: the flags of the official train.py work unchanged
+# ==================================================================================================
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help prints each default once; a flag without a plain default describes it in words."""
+
+    def _get_help_string(self, action):
+        quiet = str(action.default) in ("None", "False")  # (0 == False, so not `in (None, False)`)
+        return action.help if quiet else super()._get_help_string(action)
+
 
 def parse_args(argv=None):
-    """Parse and validate the flags; fill the model-dependent defaults (block pair, align weight, precision)."""
-    p = argparse.ArgumentParser(description="Train DiT/SiT with Self-Representation Alignment (SRA).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    # model and objective
-    add("--model", default="SiT-XL/2", help=f"one of {', '.join(MODELS)}")
-    add("--path-type", default="linear", choices=["linear", "cosine", "cos"], help="SiT interpolant")
+    """Parse and check the flags; fill in the defaults that depend on the model and the loss."""
+    parser = argparse.ArgumentParser(description="Train DiT/SiT with Self-Representation "
+                                     "Alignment.", formatter_class=HelpFormatter)
+    add = parser.add_argument_group("model and objective").add_argument
+    add("--model", default="SiT-XL/2", help="SiT|DiT-{T,S,B,L,XL}/{2,4,8}")
+    add("--path-type", default="linear", choices=["linear", "cosine", "cos"], help="SiT path")
     add("--prediction", default="v", choices=["v"], help="SiT predicts the velocity")
-    add("--weighting", default="uniform", choices=["uniform", "lognormal"], help="SiT time sampling")
-    add("--learn-sigma", action=argparse.BooleanOptionalAction, help="predict the variance (default: DiT yes, SiT no)")
+    add("--weighting", default="uniform", choices=["uniform", "lognormal"], help="SiT times")
+    add("--learn-sigma", action=argparse.BooleanOptionalAction, help="default: DiT yes, SiT no")
     add("--cfg-prob", type=float, default=0.1, help="label dropout probability (for CFG)")
-    add("--num-classes", type=int, default=None, help="default: inferred from the data")
-    # SRA
-    add("--no-sra", action="store_true", help="vanilla baseline: no teacher, no projector")
-    add("--block-out-s", type=int, default=None, help="student block, 1-based (default: the paper's)")
-    add("--block-out-t", type=int, default=None, help="teacher block, 1-based (default: the paper's)")
+    add("--num-classes", type=int, help="default: the data's")
+    add = parser.add_argument_group("SRA").add_argument
+    add("--no-sra", action="store_true", help="vanilla: no teacher, no projector")
+    add("--block-out-s", type=int, help="student block, 1-based (default: the paper's)")
+    add("--block-out-t", type=int, help="teacher block, 1-based (default: the paper's)")
     add("--t-max", type=float, default=0.2, help="teacher time t' = t - t_max * U(0, 1)")
     add("--loss-type", default="sml1", choices=["sml1", "cos"], help="alignment distance")
-    add("--align-weight", type=float, default=None, help="lambda (default 0.2 SiT / 0.04 DiT / 0.5 cos)")
-    add("--align-decay-start", type=int, default=149 * 5004, help="step after which lambda decays (official: "
-        "epoch 149 at batch 256)")
-    add("--align-decay-steps", type=int, default=1000 * 5004, help="steps per tenfold decay of lambda (0: never)")
-    add("--ema-decay", type=float, default=0.9999, help="EMA (teacher) decay per optimizer step")
-    # data
-    add("--data-dir", default=None, help="image folder, folder holding vae-sd/, or CIFAR-10 root; none: built-in")
-    add("--dataset", choices=["builtin", "cifar10", "folder", "latents"], help="data kind (default: inferred)")
-    add("--resolution", type=int, default=None, help="image resolution (default 256; 32 built-in and CIFAR)")
-    add("--num-workers", type=int, default=min(4, (os.cpu_count() or 2) // 2), help="DataLoader workers per process")
-    # optimisation
+    add("--align-weight", type=float, help="lambda (default: 0.2 SiT, 0.04 DiT; 0.5 for cos)")
+    add("--align-decay-start", type=int, default=745_596, help="step where lambda starts to decay")
+    add("--align-decay-steps", type=int, help="steps per tenfold decay (default: sml1 5004000)")
+    add("--ema-decay", type=float, default=0.9999, help="EMA (teacher) decay per step")
+    add = parser.add_argument_group("data").add_argument
+    add("--data-dir", help="image folder, folder with vae-sd/, CIFAR-10 root; none: built-in")
+    add("--dataset", choices=["builtin", "cifar10", "folder", "latents"], help="default: inferred")
+    add("--resolution", type=int, help="default: 256 (32 for built-in and CIFAR-10)")
+    add("--num-workers", type=int, default=min(4, os.cpu_count() // 2), help="loader processes")
+    add = parser.add_argument_group("optimisation").add_argument
     add("--batch-size", type=int, default=32, help="per process (the paper: 32 x 8 GPUs)")
-    add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    add("--epochs", type=int, default=1400, help="stop after this many epochs ...")
-    add("--max-train-steps", type=int, default=400_000, help="... or this many optimizer steps")
+    add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
+    add("--epochs", type=int, default=801, help="stop after this many epochs ...")
+    add("--max-train-steps", type=int, default=4_100_000, help="... or optimizer steps")
     add("--learning-rate", type=float, default=1e-4, help="AdamW, constant")
     add("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     add("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
     add("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
     add("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
     add("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    # precision and speed
-    add("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"], help="auto: bf16 if the GPU "
-        "has it, else fp32")
-    add("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
-    add("--compile", action="store_true", help="torch.compile the model")
-    add("--grad-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
-    # run, logging, checkpoints
+    add = parser.add_argument_group("precision and speed").add_argument
+    add("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+        help="auto: bf16 where the GPU has it, else fp32")
+    add("--allow-tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+    add("--compile", action="store_true", help="torch.compile the student and the teacher")
+    add("--grad-checkpointing", action="store_true", help="recompute blocks in backward")
+    add = parser.add_argument_group("run").add_argument
     add("--output-dir", default="exps", help="runs go to <output-dir>/<exp-name>/")
-    add("--exp-name", default=None, help="run folder name (default: from the model name)")
-    add("--seed", type=int, default=0, help="process seed = seed * world_size + rank")
-    add("--log-every", type=int, default=100, help="steps between log lines and metrics")
+    add("--exp-name", help="run folder (default: from the model, e.g. SiT-XL-2-sra)")
+    add("--seed", type=int, default=0, help="rank r draws from seed * world_size + r")
+    add("--log-every", type=int, default=100, help="steps between log lines")
     add("--checkpoint-steps", type=int, default=50_000, help="steps between checkpoints")
-    add("--sample-steps", type=int, default=10_000, help="steps between EMA sample grids (0: never)")
-    add("--resume", "--resume-ckpt", default=None, help="checkpoint path, or `auto`: the newest in the run folder")
-    add("--keep-last", type=int, default=0, help="keep only the newest K step checkpoints (0: all)")
-    add("--keep-every", type=int, default=0, help="never delete checkpoints at multiples of this step")
+    add("--resume", "--resume-ckpt", help="a checkpoint, or auto: the run folder's newest")
+    add("--keep-last", type=int, default=0, help="keep the newest K checkpoints (0: all)")
+    add("--keep-every", type=int, default=0, help="but never those at multiples of this step")
     add("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
-    # benchmark
-    add("--bench", action="store_true", help="time SRA and vanilla steps on synthetic data, print JSON")
-    add("--bench-shape", type=int, nargs=3, metavar=("C", "H", "W"), help="default 4 x resolution/8 x resolution/8")
-    add("--bench-steps", type=int, default=0, help="timed steps (default 20 on GPU, 3 on CPU)")
-    add("--bench-sample", type=int, default=0, metavar="STEPS", help="also time SDE sampling, CFG 1.8 (paper: 250)")
-    add("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    add("--fault-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # test hook: a NaN loss at this step
-    args = p.parse_args(argv)
+    add = parser.add_argument_group("benchmark").add_argument
+    add("--bench", action="store_true", help="time the loop on synthetic batches, print JSON")
+    add("--bench-shape", type=int, nargs=3, default=[4, 32, 32], metavar=("C", "H", "W"),
+        help="input shape (latents of 256 px images)")
+    add("--bench-steps", type=int, help="timed steps (default: 20 on a GPU, 3 on a CPU)")
+    add("--peak-tflops", type=float, help="peak of the device for MFU (default: known GPUs)")
+    args = parser.parse_args(argv)
 
     if args.model not in MODELS:
-        raise UserError(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
-    args.family, args.path_type = args.model.split("-")[0], "cosine" if args.path_type == "cos" else args.path_type
-    args.learn_sigma = args.family == "DiT" if args.learn_sigma is None else args.learn_sigma
-    s, t = default_blocks(args.model)
-    args.block_out_s = s if args.block_out_s is None else args.block_out_s
-    args.block_out_t = t if args.block_out_t is None else args.block_out_t
-    depth = SIZES[args.model.split("-")[1].split("/")[0]][0]
+        close = difflib.get_close_matches(args.model, MODELS, n=1, cutoff=0)[0]
+        raise UserError(f"unknown model {args.model!r} (did you mean {close}?): models are "
+                        f"SiT|DiT-{{T,S,B,L,XL}}/{{2,4,8}}")
+    args.family, size = args.model.split("/")[0].split("-")
+    depth = SIZES[size][0]
+    student, teacher = BLOCK_PAIRS.get(args.model.split("/")[0], (1, 4))  # (1, 4): T
+    args.block_out_s = student if args.block_out_s is None else args.block_out_s
+    args.block_out_t = teacher if args.block_out_t is None else args.block_out_t
     for flag, block in (("--block-out-s", args.block_out_s), ("--block-out-t", args.block_out_t)):
         if not 1 <= block <= depth:
             raise UserError(f"{flag} {block} is out of range: {args.model} has blocks 1..{depth}")
     if args.align_weight is None:
-        args.align_weight = 0.5 if args.loss_type == "cos" else (0.2 if args.family == "SiT" else 0.04)
+        args.align_weight = {"cos": 0.5, "sml1": 0.2 if args.family == "SiT" else 0.04}[
+            args.loss_type]
+    if args.align_decay_steps is None:  # the official code decays lambda for sml1 only
+        args.align_decay_steps = 1000 * 5004 if args.loss_type == "sml1" else 0
     if args.mixed_precision == "auto":
-        args.mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    args.exp_name = args.exp_name or args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        args.mixed_precision = "bf16" if bf16 else "no"
+    if args.exp_name is None:
+        args.exp_name = args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
+    if args.bench:  # synthetic data; log every step, so that the loop's own clock times each step
+        args.dataset = "synthetic"
+        args.num_classes = args.num_classes or 1000
+        args.bench_steps = args.bench_steps or (20 if torch.cuda.is_available() else 3)
+        args.max_train_steps = BENCH_WARMUP + args.bench_steps
+        args.log_every = 1
     for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     return args
 
+
 def error_line(e):
-    """One line for the user: a worker's re-raised error carries a traceback; keep its last line."""
+    """One line for the user. An error re-raised from a DataLoader worker carries the worker's
+    traceback: keep its last line, the error itself."""
     text = str(e).strip()
     if "Traceback" in text:
         text = text.splitlines()[-1].split("Error: ", 1)[-1]
@@ -987,8 +1183,11 @@ def error_line(e):
 
 if __name__ == "__main__":
     try:
-        args = parse_args()
-        bench(args) if args.bench else main(args)
-    except UserError as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
+        arguments = parse_args()
+        if arguments.bench:
+            bench(arguments)
+        else:
+            main(arguments)
+    except UserError as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
         sys.exit(2)

@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint  # (not imported by `import torch` before PyTorch 2.6)
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
@@ -874,8 +875,7 @@ def main(args):
     # rank's state: a resumed run draws the very numbers the interrupted one would have drawn.
     # (Resumed with another process count, the old streams cannot be replayed: fresh ones.)
     step = 0 if ckpt is None else ckpt["step"]
-    seed = args.seed * world_size + rank + 1_000_003 * step
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(args.seed * world_size + rank + 1000003 * step)
     if ckpt is not None and len(ckpt["rng"]) == world_size:
         generator.set_state(ckpt["rng"][rank])
 

@@ -635,6 +635,7 @@ def build_dataset(args):
             raise UserError(f"image folder {args.data_dir}: {e}") from None
         dataset.num_classes = len(dataset.classes)
     elif kind == "cifar10":  # torchvision's: read from --data-dir, downloaded there if missing
+        args.data_dir = args.data_dir or "data/cifar10"
         try:
             dataset = datasets.CIFAR10(args.data_dir, download=True, transform=to_tensor)
         except Exception as e:  # offline, and not there
@@ -690,7 +691,7 @@ def prepare_batch(x, kind, generator):
 
 
 # ==================================================================================================
-# Helpers: distributed setup, logging, checkpoints, FLOPs, compilation
+# Helpers: distributed setup, logging, checkpoints, FLOPs, preemption
 # ==================================================================================================
 
 def setup_distributed(timeout_s=1800):
@@ -818,6 +819,12 @@ def on_sigterm(signum, frame):
     STOP_REQUESTED.set()
 
 
+def ignore_sigterm(worker_id):
+    """DataLoader workers ignore SIGTERM: a scheduler often signals every process of a job, and a
+    worker that died of it would crash the main process before its checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # ==================================================================================================
 # Training
 # ==================================================================================================
@@ -856,8 +863,7 @@ def main(args):
     # ---- Resume. Every input check passes before the run folder is made (after the data).
     run_dir = None if args.bench else os.path.abspath(os.path.join(args.output_dir, args.exp_name))
     if run_dir and list_checkpoints(run_dir) and not args.resume:
-        raise UserError(f"{run_dir} already holds checkpoints: continue that run with --resume "
-                        f"auto, or start a new one with another --exp-name")
+        raise UserError(f"{run_dir} has a run: continue with --resume auto, or another --exp-name")
     logger = Logger(run_dir, quiet=rank != 0 or args.bench)
     resume_path, ckpt = args.resume, None
     if args.resume == "auto":
@@ -885,7 +891,7 @@ def main(args):
     sampler = ResumableSampler(dataset, world_size, rank, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0)
+                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_sigterm)
     if len(loader) < accum:
         raise UserError(f"{len(dataset)} items make less than one step: lower --batch-size")
     epoch, skip = divmod(step * accum, len(loader))  # the micro-batch to resume at
@@ -920,7 +926,6 @@ def main(args):
     flops_per_image = train_flops(raw_model, args)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
-    STOP_REQUESTED.clear()
     signal.signal(signal.SIGTERM, on_sigterm)
     # a CPU group for the stop flag, as quick to give up on a hung peer as the main group
     timeout = timedelta(seconds=args.dist_timeout)
@@ -1155,9 +1160,9 @@ def parse_args(argv=None):
             args.loss_type]
     if args.align_decay_steps is None:  # the official code decays lambda for sml1 only
         args.align_decay_steps = 1000 * 5004 if args.loss_type == "sml1" else 0
+    # auto: bf16 where the GPU has it natively (Ampere on; False: not emulated), else fp32
     if args.mixed_precision == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        args.mixed_precision = "bf16" if bf16 else "no"
+        args.mixed_precision = "bf16" if torch.cuda.is_bf16_supported(False) else "no"
     if args.exp_name is None:
         args.exp_name = args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
     if args.bench:  # synthetic data; log every step, so that the loop's own clock times each step

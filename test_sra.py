@@ -730,8 +730,9 @@ def test_main_with_compile_trains_and_saves_plain_names(tmp_path, monkeypatch):
     # Cheap: a 2-block, 64-wide T, and the aot_eager backend (Dynamo and AOTAutograd trace the
     # model and its backward; Inductor's C++ code generation, ~30 s cold on a CPU, is skipped).
     monkeypatch.setitem(sra.SIZES, "T", (2, 64, 2))
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors",
-                        torch._dynamo.config.suppress_errors)
+    # main sets suppress_errors globally; put it back by hand (monkeypatch would delete the entry of
+    # Dynamo's config module on undo under pytest 9.2, as it is not in the module's __dict__)
+    suppress_errors = torch._dynamo.config.suppress_errors
     graphs = []
     aot_eager = torch._dynamo.lookup_backend("aot_eager")
 
@@ -744,6 +745,7 @@ def test_main_with_compile_trains_and_saves_plain_names(tmp_path, monkeypatch):
     try:
         run_dir = run_main(tmp_path, "--compile", "--block-out-t", "2", "--max-train-steps", "2")
     finally:
+        torch._dynamo.config.suppress_errors = suppress_errors
         torch._dynamo.reset()
     assert "torch.compile failed" not in (run_dir / "log.txt").read_text()
     codes = [g.code for g in graphs]  # the probe, the student, the teacher
@@ -937,9 +939,13 @@ def test_bench_is_the_training_loop_and_its_figures_add_up(capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
-    """A tiny pre-encoded data folder: vae-sd/dataset.json and six (1, 8, 4, 4) fp16 moment files
-    (32 px images), labels i % 3."""
-    root = tmp_path_factory.mktemp("latents")
+    """A tiny pre-encoded data folder, shared by the tests that only read it."""
+    return make_latent_folder(tmp_path_factory.mktemp("latents"))
+
+
+def make_latent_folder(root):
+    """root/vae-sd/dataset.json and six (1, 8, 4, 4) fp16 moment files 00/<i>.npy (32 px images),
+    labels i % 3; returns root."""
     rng = np.random.default_rng(0)
     (root / "vae-sd" / "00").mkdir(parents=True)
     labels = []
@@ -1353,6 +1359,24 @@ def test_sigkill_then_sigterm_then_resume_auto_is_bit_identical(tmp_path, refere
     assert_same_training_state(ckpt_path(run_dir, STEPS), ckpt_path(reference.dir, STEPS))
 
 
+def test_sigterm_to_every_process_of_the_job_still_checkpoints(tmp_path):
+    """SIGTERM to every process of the job, as schedulers send it, DataLoader workers included: the
+    workers ignore it, and the trainer finishes its step, writes a checkpoint and exits 0."""
+    cmd = [sys.executable, SRA, *TINY, "--num-workers", "1", "--max-train-steps", "1000",
+           "--checkpoint-steps", "1000", "--output-dir", str(tmp_path), "--exp-name", "run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=open(tmp_path / "run.out", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # its own group
+    try:
+        wait_for(lambda: "step 2/" in read(tmp_path / "run" / "log.txt"), "step 2", proc=proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
+    assert "SIGTERM: stopped at step" in read(tmp_path / "run" / "log.txt")
+    assert len(sra.list_checkpoints(tmp_path / "run")) == 1
+
+
 DDP_STEPS = 12  # the final step of the preempted DDP run
 
 
@@ -1602,29 +1626,6 @@ def test_every_torch_load_is_weights_only(name):
 # ----------------------------------------------------------------------------------------------------
 # 5. Bad data: a UserError naming the file (one line: exit 2 from the command line)
 
-def image_folder(root, classes=("a", "b"), per_class=2):
-    """root/<class>/<i>.png with small valid images."""
-    from PIL import Image
-    for c in classes:
-        os.makedirs(root / c)
-        for i in range(per_class):
-            Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
-
-
-def latent_folder(root, shape=(8, 4, 4), count=4):
-    """root/vae-sd/dataset.json + count .npy moment files (resolution 32 -> 4 x 4 latents)."""
-    os.makedirs(root / "vae-sd" / "0")
-    labels = []
-    for i in range(count):
-        moments = np.random.default_rng(i).standard_normal(shape, np.float32)
-        np.save(root / "vae-sd" / "0" / f"{i}.npy", moments)
-        labels.append([f"0/{i}.npy", i % 2])
-    with open(root / "vae-sd" / "dataset.json", "w") as f:
-        json.dump({"labels": labels}, f)
-    return root
-
-
 LATENT = ["--model", "SiT-T/4", "--resolution", "32", "--batch-size", "2", "--num-workers", "0",
           "--log-every", "1"]
 
@@ -1640,14 +1641,14 @@ def one_line_naming(error, *names):
 
 def test_corrupt_image_in_a_worker_is_one_line_naming_it(tmp_path, monkeypatch, small):
     """A corrupt image read in a DataLoader worker (--num-workers 2): a UserError, one line naming it."""
-    data = image_folder(tmp_path / "data")
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2)
     bad = data / "b" / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     # After a worker's error, torch's DataLoader waits 2 x 5 s for its workers to leave before it kills them
     monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
     with pytest.raises(sra.UserError) as error:  # 5 images, 2 steps an epoch: read within a few epochs
         run_main(tmp_path, "--data-dir", str(data), "--num-workers", "2", "--max-train-steps", "40",
-             "--checkpoint-steps", "1000")
+                 "--checkpoint-steps", "1000")
     message, line = str(error.value), sra.error_line(error.value)
     del error
     gc.collect()  # the loader (in the traceback's frames) shuts its workers down now, with the short wait
@@ -1657,7 +1658,7 @@ def test_corrupt_image_in_a_worker_is_one_line_naming_it(tmp_path, monkeypatch, 
 
 def test_empty_class_folder_is_one_line_naming_it(tmp_path, small):
     """A class folder without images: a UserError naming the data folder and the class."""
-    data = image_folder(tmp_path / "data")
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2)
     os.makedirs(data / "empty_class")
     with pytest.raises(sra.UserError) as error:
         run_main(tmp_path, "--data-dir", str(data), "--max-train-steps", "2")
@@ -1667,15 +1668,15 @@ def test_empty_class_folder_is_one_line_naming_it(tmp_path, small):
 @pytest.mark.parametrize("fault", ["truncated", "wrong-shape", "missing"])
 def test_bad_latent_is_one_line_naming_it_when_first_read(tmp_path, fault, small):
     """A truncated, wrong-shaped or missing latent: a UserError naming it, when first read, not at start-up."""
-    data = latent_folder(tmp_path / "data")
-    bad = data / "vae-sd" / "0" / "2.npy"
+    data = make_latent_folder(tmp_path / "data")
+    bad = data / "vae-sd" / "00" / "2.npy"
     if fault == "truncated":
         bad.write_bytes(bad.read_bytes()[:100])
     elif fault == "wrong-shape":
         np.save(bad, np.zeros((8, 8, 8), np.float32))  # a 64 px latent in a 32 px dataset
     else:
         bad.unlink()
-    assert len(sra.LatentDataset(str(data), 32)) == 4  # start-up does not open the files
+    assert len(sra.LatentDataset(str(data), 32)) == 6  # start-up does not open the files
     with pytest.raises(sra.UserError) as error:
         run_main(tmp_path, "--data-dir", str(data), "--max-train-steps", "20", base=LATENT)
     one_line_naming(error.value, bad)
@@ -1733,7 +1734,7 @@ def test_nonfinite_gradient_of_a_finite_loss_stops_the_run(tmp_path, monkeypatch
     seen = fault_at(monkeypatch, 4, lambda loss: loss + torch.sqrt(0 * loss))
     with pytest.raises(sra.UserError) as error:
         run_main(tmp_path, "--max-train-steps", "10", "--checkpoint-steps", "2", "--log-every", "100",
-             "--mixed-precision", precision)
+                 "--mixed-precision", precision)
     assert len(seen) == 4 and all(math.isfinite(loss) for loss, _ in seen)
     assert [math.isfinite(norm) for _, norm in seen] == [True, True, True, False]
     assert_stopped_at_last_good(error, tmp_path / "run", 2)

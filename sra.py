@@ -662,9 +662,7 @@ def build_dataset(args):
 
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler that can start `skip` samples into an epoch, so that a resumed run
-    sees exactly the batches that the interrupted one would have seen."""
-
-    skip = 0
+    sees exactly the batches that the interrupted one would have seen. main sets `skip`."""
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.skip, None)
@@ -819,10 +817,11 @@ def on_sigterm(signum, frame):
     STOP_REQUESTED.set()
 
 
-def ignore_sigterm(worker_id):
-    """DataLoader workers ignore SIGTERM: a scheduler often signals every process of a job, and a
-    worker that died of it would crash the main process before its checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def own_process_group(worker_id):
+    """DataLoader workers leave the trainer's process group. A SIGTERM to the whole group (from
+    torchrun, `timeout`, a shell) then reaches the trainer alone: a worker killed by it would fail
+    the step before its checkpoint. The trainer shuts its workers down itself."""
+    os.setpgrp()
 
 
 # ==================================================================================================
@@ -870,11 +869,12 @@ def main(args):
         resume_path, ckpt = find_resume_checkpoint(run_dir, logger.info)
     elif args.resume:
         ckpt = load_checkpoint(args.resume)
-    try:  # the checkpoint must fit the model and the flags
-        for key, part in parts.items() if ckpt is not None else ():
-            part.load_state_dict(ckpt[key])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{resume_path} does not fit {args.model} and these flags: {error_line(e)}")
+    if ckpt is not None:  # the checkpoint must fit the model and the flags
+        try:
+            for key, part in parts.items():
+                part.load_state_dict(ckpt[key])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{resume_path} does not fit {args.model}: {error_line(e)}")
 
     # ---- Random streams. Training randomness (label dropout, noise, times, flips, latents) comes
     # from one generator per rank, seeded seed * world_size + rank, and checkpoints hold every
@@ -891,7 +891,7 @@ def main(args):
     sampler = ResumableSampler(dataset, world_size, rank, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, worker_init_fn=ignore_sigterm)
+                        persistent_workers=args.num_workers > 0, worker_init_fn=own_process_group)
     if len(loader) < accum:
         raise UserError(f"{len(dataset)} items make less than one step: lower --batch-size")
     epoch, skip = divmod(step * accum, len(loader))  # the micro-batch to resume at

@@ -940,7 +940,7 @@ def main(args):
     step_times = []
     timer = time.perf_counter()
     logged_step = step
-    batch = args.batch_size * world_size * accum
+    batch = args.batch_size * world_size * accum  # the global batch of one optimizer step
     logger.info(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters), "
                 f"{world_size} process(es) on {device}, global batch {batch}, steps {step} -> "
                 f"{total_steps}; every setting is in args.json")
@@ -1005,7 +1005,7 @@ def main(args):
             step_times.append(elapsed / n)
             skipped_steps += round(nonfinite)
             denoise, align, cos, grad = denoise / n, align / n, cos / n, grad / n
-            images_per_s = n * args.batch_size * world_size * accum / elapsed
+            images_per_s = n * batch / elapsed
             mfu = flops_per_image * images_per_s / world_size / peak / 1e12 if peak else None
             mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu else ""  # where the GPU's peak is known
             logger.info(f"step {step}/{total_steps} | loss {denoise + weight * align:.4f} | "
@@ -1044,15 +1044,14 @@ def main(args):
     # The benchmark's figures: the median of the timed steps, each clocked at a log step (where
     # the host waits for the device). Images/s and TFLOP/s count the whole job; MFU is per GPU.
     seconds = statistics.median(step_times[BENCH_WARMUP:] or [math.nan])
-    tflops = flops_per_image * args.batch_size * accum / seconds / 1e12
+    tflops = flops_per_image * batch / seconds / 1e12  # the whole job
     peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return dict(model=args.model, sra=not args.no_sra, batch=args.batch_size,
                 shape=args.bench_shape, dtype=args.mixed_precision, device=device_name,
                 world_size=world_size, compile=args.compile, step_s_median=seconds,
                 grad_checkpointing=args.grad_checkpointing, peak_mem_gb=peak_mem,
-                img_per_s=args.batch_size * accum * world_size / seconds,
-                tflops=tflops * world_size, flops_per_img=flops_per_image,
-                mfu=tflops / peak if peak else None)
+                img_per_s=batch / seconds, tflops=tflops, flops_per_img=flops_per_image,
+                mfu=tflops / world_size / peak if peak else None)
 
 
 BENCH_WARMUP = 2  # untimed steps first: the first step allocates (and compiles, with --compile)

@@ -662,12 +662,12 @@ def test_training_run_writes_its_folder_and_learns(trained):
 def deterministic_losses(model, ema, x, y, args, diffusion, generator):
     """A stand-in for sra.training_losses that draws nothing: t = 0.5, x_t = x. It still runs the
     student with its projector, and the teacher."""
-    t = torch.full((len(x),), 0.5)
+    t = torch.full((len(x),), 0.5, device=x.device)
     output, student = model(x, t, y, block_out_s=args.block_out_s)
     with torch.no_grad():
         teacher = ema.forward_features(x, t, y, args.block_out_t)
     align, cos = sra.align_loss(student, teacher, args.loss_type)
-    return ((output - x) ** 2).mean(), 0.1 * align, cos
+    return ((output.float() - x) ** 2).mean(), 0.1 * align, cos
 
 
 def identity_batch(x, kind, generator):
@@ -1417,25 +1417,12 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_
     assert_same_training_state(ckpt_path(run_dir, DDP_STEPS), ckpt_path(tmp_path / "ref", DDP_STEPS))
 
 
-# Deterministic stand-ins, so that two runs that see the same samples compute the same gradients
+# The deterministic stand-ins of part 1 (deterministic_losses, identity_batch), so that two runs that
+# see the same samples compute the same gradients; and a build() that keeps the model and the EMA
 STUBS = r'''
 import torch
 import sra
-
-
-def fixed_losses(model, ema, x, y, args, diffusion, generator):
-    """training_losses without random draws: t = 0.5, x_t = x, target x; the real SRA term."""
-    t = torch.full((len(x),), 0.5, device=x.device)
-    output, student = model(x, t, y, block_out_s=args.block_out_s)
-    with torch.no_grad():
-        teacher = ema.forward_features(x, t, y, args.block_out_t)
-    align, cos = sra.align_loss(student, teacher, args.loss_type)
-    return ((output.float() - x) ** 2).mean(), align, cos
-
-
-def no_flips(x, kind, generator):
-    return x
-
+from test_sra import deterministic_losses, identity_batch
 
 kept = {}
 real_build = sra.build
@@ -1449,7 +1436,7 @@ def keeping_build(args, device):
 
 DDP_SCRIPT = STUBS + r'''
 import os, sys
-sra.build, sra.training_losses, sra.prepare_batch = keeping_build, fixed_losses, no_flips
+sra.build, sra.training_losses, sra.prepare_batch = keeping_build, deterministic_losses, identity_batch
 sra.main(sra.parse_args(sys.argv[1:]))
 torch.save({name: part.state_dict() for name, part in kept.items()}, f"rank{os.environ['RANK']}.pt")
 '''
@@ -1470,10 +1457,8 @@ def test_ddp_ranks_stay_identical_and_match_one_process_with_the_same_global_bat
         # One process, batch 8: step k reads shuffled indices 8k..8k+7; rank r under DDP reads r, r+2, r+4,
         # ... of the same order (both samplers see the same permutation of (seed, epoch)), so its two
         # micro-batches of 2 are 8k+r+{0, 2} and 8k+r+{4, 6}: together the same 8 samples.
-        stubs = {}
-        exec(STUBS, stubs)
-        monkeypatch.setattr(sra, "training_losses", stubs["fixed_losses"])
-        monkeypatch.setattr(sra, "prepare_batch", stubs["no_flips"])
+        monkeypatch.setattr(sra, "training_losses", deterministic_losses)
+        monkeypatch.setattr(sra, "prepare_batch", identity_batch)
         run_main(tmp_path, *EXACT, "--batch-size", "8", exp="single")
         proc.wait(timeout=120)
     finally:

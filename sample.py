@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 import tempfile
+from functools import partial
 
 import numpy as np
 import torch
@@ -139,7 +140,9 @@ def respace(diffusion, num_steps):
     keep = [round(s) for s in itertools.accumulate([stride] * (num_steps - 1), initial=0.0)]
     ac = diffusion.alphas_cumprod[keep]  # (K,) the alpha-bars of the kept steps
     ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    return sra.GaussianDiffusion(1 - ac / ac_prev, timestep_map=diffusion.timestep_map[keep])
+    respaced = sra.GaussianDiffusion(1 - ac / ac_prev)
+    respaced.timestep_map = torch.as_tensor(keep, device=ac.device)  # respaced step -> original
+    return respaced
 
 
 def sample_ddpm(eps_model, x, num_steps, generator=None):
@@ -232,18 +235,6 @@ def generate(model, z, y, *, mode, num_steps, path_type="linear", cfg_scale=1.0,
 # ==================================================================================================
 # Images: SD-VAE decoding, uint8 conversion, PNG grids
 # ==================================================================================================
-
-def load_vae(model, name, device):
-    """The SD-VAE (`ema` or `mse`) for a latent model (4 channels); None for a pixel model.
-    diffusers is imported only here, so pixel models and the tests run without it."""
-    if model.in_channels != 4:
-        return None  # pixel models need no decoder
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        raise sra.UserError("decoding latents needs the SD-VAE: pip install diffusers") from None
-    return AutoencoderKL.from_pretrained(f"stabilityai/sd-vae-ft-{name}").to(device).eval()
-
 
 @torch.no_grad()
 def to_images(x, vae=None):
@@ -454,13 +445,6 @@ def make_images(model, vae, settings, global_seed, indices, labels=None):
     return to_images(x, vae), y.numpy()
 
 
-def save_part(path, images, labels):
-    """Write one finished batch atomically: a crash leaves the whole file or none of it."""
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, images=images, labels=labels)
-    os.replace(path + ".tmp", path)
-
-
 def write_npz(path, parts, shape):
     """Gather the parts {(start, end): file} into the ADM evaluator's format (arr_0 uint8 images
     (N, H, W, 3), arr_1 int64 labels (N,)) -> images. The file is read back and compared: only
@@ -471,9 +455,7 @@ def write_npz(path, parts, shape):
         with np.load(part) as data:
             images[start:end] = data["images"]
             labels[start:end] = data["labels"]
-    with open(path + ".tmp", "wb") as f:  # positional arrays: arr_0, arr_1
-        np.savez(f, images, labels)
-    os.replace(path + ".tmp", path)
+    sra.atomic_write(path, partial(np.savez, arr_0=images, arr_1=labels), ".npz")
     with np.load(path) as data:
         same = np.array_equal(data["arr_0"], images) and np.array_equal(data["arr_1"], labels)
     if not same:
@@ -499,13 +481,16 @@ def write_samples(model, vae, settings, args, name, npz_path, rank, world_size):
     # Round-robin over the processes: a batch's content depends only on its indices, never on
     # which process makes it, so any process count (and a resumed run) gives the same .npz.
     mine = todo[rank::world_size]
-    bar = tqdm(total=sum(end - start for start, end in mine), unit="img", disable=rank != 0)
-    for start, end in mine:
-        images, labels = make_images(model, vae, settings, args.global_seed, range(start, end))
-        if args.save_png:  # before the part file: a finished part implies its PNGs exist
-            save_pngs(images, start, os.path.join(run_dir, "png"))
-        save_part(parts[start, end], images, labels)
-        bar.update(end - start)  # images, so that the bar's rate is this process's img/s
+    # (closed on an error too, so that the error line comes after the bar, not inside it)
+    with tqdm(total=sum(end - start for start, end in mine), unit="img", disable=rank != 0) as bar:
+        for start, end in mine:
+            images, labels = make_images(model, vae, settings, args.global_seed, range(start, end))
+            if args.save_png:  # before the part file: a finished part implies its PNGs exist
+                save_pngs(images, start, os.path.join(run_dir, "png"))
+            # atomically: a crash leaves the whole part or none of it (a full disk: one line)
+            sra.atomic_write(parts[start, end], partial(np.savez, images=images, labels=labels),
+                             "part file")
+            bar.update(end - start)  # images, so that the bar's rate is this process's img/s
     barrier()  # all parts are on disk
     if rank != 0:
         return
@@ -546,14 +531,14 @@ def main(args):
     log(f"{info['model']} ({info['layout']}, {model.num_classes} classes) from {args.ckpt}: "
         + ", ".join(f"{k} {v}" for k, v in settings.items()))
     npz_path = os.path.join(args.sample_dir, f"{name}-n{args.num_fid_samples}.npz")
-    if args.grid:
-        if rank == 0:
-            write_grid(model, load_vae(model, args.vae, device), settings, args, name)
-    elif os.path.exists(npz_path):  # a finished run: the .npz was written whole and checked
+    if os.path.exists(npz_path) and not args.grid:  # a finished run: written whole, checked
         log(f"{npz_path} already exists: nothing to do (delete it to sample again)")
-    else:
-        vae = load_vae(model, args.vae, device)
-        write_samples(model, vae, settings, args, name, npz_path, rank, world_size)
+    else:  # a latent model's samples are decoded by the SD-VAE; a pixel model needs none
+        vae = sra.load_vae(args.vae, device) if model.in_channels == 4 else None
+        if args.grid and rank == 0:
+            write_grid(model, vae, settings, args, name)
+        elif not args.grid:
+            write_samples(model, vae, settings, args, name, npz_path, rank, world_size)
     if ddp:
         dist.destroy_process_group()
 
@@ -565,21 +550,20 @@ def main(args):
 def parse_args(argv=None):
     """Parse and check the flags; paths become absolute, so every message names the full path."""
     p = argparse.ArgumentParser(description="Sample from DiT/SiT/SRA checkpoints.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    # checkpoint
+                                formatter_class=sra.HelpFormatter)
+    add = p.add_argument_group("checkpoint").add_argument
     add("--ckpt", required=True, help="sra.py, SRA, REPA, DiT or SiT checkpoint, or a state dict")
-    add("--model", default=None, help="e.g. SiT-XL/2 (default: the checkpoint's; bare state dicts)")
+    add("--model", help="e.g. SiT-XL/2 (default: the checkpoint's; needed for bare state dicts)")
     add("--use-raw-model", action="store_true", help="the online `model` weights, not the EMA")
-    # sampler
-    add("--mode", default=None, choices=["sde", "ode", "ddpm"], help="default: sde SiT, ddpm DiT")
-    add("--num-steps", type=int, default=None, help="sampling steps (default 250; --grid 50)")
+    add = p.add_argument_group("sampler").add_argument
+    add("--mode", choices=["sde", "ode", "ddpm"], help="default: sde for SiT, ddpm for DiT")
+    add("--num-steps", type=int, help="sampling steps (default: 250; 50 with --grid)")
     add("--heun", action="store_true", help="ODE: Heun instead of Euler")
     add("--path-type", choices=["linear", "cosine", "cos"], help="default: the checkpoint's")
     add("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale w (1 = off)")
     add("--guidance-low", type=float, default=0.0, help="guide only steps starting at t >= this")
     add("--guidance-high", type=float, default=1.0, help="guide only steps starting at t <= this")
-    # output
+    add = p.add_argument_group("output").add_argument
     add("--sample-dir", default="samples", help="where the .npz, grids and parts go")
     add("--num-fid-samples", type=int, default=50_000, help="images in the .npz")
     add("--per-proc-batch-size", type=int, default=32, help="images per forward pass per process")
@@ -587,8 +571,8 @@ def parse_args(argv=None):
     add("--grid", action="store_true", help="only write one PNG: 8 samples for each of 10 classes")
     add("--save-png", action="store_true", help="also keep every image as a PNG")
     add("--keep-parts", action="store_true", help="keep the per-batch part files after the .npz")
-    add("--vae", default="ema", choices=["ema", "mse"], help="SD-VAE decoder for latent models")
-    add("--resolution", type=int, default=None, help="checked against the checkpoint's")
+    add("--vae", default="ema", help="SD-VAE decoder of latent models: ema, mse or a folder")
+    add("--resolution", type=int, help="checked against the checkpoint's")
     add("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPUs")
     args = p.parse_args(argv)
     for flag in ("num_fid_samples", "per_proc_batch_size", "num_steps"):

@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -49,6 +50,7 @@ import time
 from collections import OrderedDict
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -348,16 +350,13 @@ class GaussianDiffusion:
     """DDPM with a learned-range variance, as DiT trains and samples it.
 
     Every table is float64 and lives on the device of `betas`, so a training step indexes it there
-    without a copy. A respaced schedule (for sampling) feeds the model the original step index
-    `timestep_map[t]`.
+    without a copy.
     """
 
-    def __init__(self, betas, timestep_map=None):
+    def __init__(self, betas):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         self.betas = betas
         self.num_timesteps = len(betas)
-        steps = range(len(betas)) if timestep_map is None else timestep_map
-        self.timestep_map = torch.as_tensor(steps, device=betas.device)
         ac = torch.cumprod(1 - betas, dim=0)  # abar_t, the fraction of signal left at step t
         ac_prev = torch.cat([torch.ones_like(ac[:1]), ac[:-1]])  # abar_{t-1}
         self.alphas_cumprod = ac
@@ -624,7 +623,7 @@ def build_dataset(args):
     if kind in ("latents", "folder") and not os.path.isdir(args.data_dir or ""):
         raise UserError(f"data folder {args.data_dir} does not exist")
     R = args.resolution or (256 if kind in ("latents", "folder") else 32)
-    if kind == "latents" and R % 8:
+    if R % 8 and (kind == "latents" or args.encode):
         raise UserError(f"--resolution {R} is not divisible by 8 (the SD-VAE's downsampling)")
     if kind == "latents":
         dataset = LatentDataset(args.data_dir, R)
@@ -636,9 +635,12 @@ def build_dataset(args):
         dataset.num_classes = len(dataset.classes)
     elif kind == "cifar10":  # torchvision's: read from --data-dir, downloaded there if missing
         args.data_dir = args.data_dir or "data/cifar10"
+        made = [d for d in (args.data_dir, os.path.dirname(args.data_dir)) if not os.path.isdir(d)]
         try:
             dataset = datasets.CIFAR10(args.data_dir, download=True, transform=to_tensor)
-        except Exception as e:  # offline, and not there
+        except Exception as e:  # offline, and not there: leave no empty folder behind
+            for folder in made:
+                shutil.rmtree(folder, ignore_errors=True)
             raise UserError(f"CIFAR-10 is not in {args.data_dir} and cannot be downloaded ({e})")
         R = 32
     elif kind == "synthetic":  # --bench: random inputs and labels, the shape of --bench-shape
@@ -657,6 +659,15 @@ def build_dataset(args):
     args.num_classes = args.num_classes or found
     args.dataset = kind
     args.resolution = R
+    # The paper trains on 256 tokens (the 4x32x32 SD-VAE latents of a 256 px image, patch 2);
+    # 256 px pixels at patch 2 would be 16,384 tokens: some 200x the FLOPs of a step
+    size, tokens = args.input_size, (args.input_size // int(args.model.split("/")[1])) ** 2
+    space = "latents" if channels == 4 else "pixels"
+    args.input_space = f"{space} {channels}x{size}x{size}, {tokens} tokens"
+    if tokens > 4096 and not args.encode:
+        raise UserError(f"{args.model} on {args.input_space} per image, far more than the paper's "
+                        f"256: encode the images (python sra.py --encode DIR --data-dir "
+                        f"{args.data_dir}), then train on DIR; or lower --resolution or patch more")
     return dataset
 
 
@@ -672,7 +683,12 @@ def epochs_of(loader, sampler, first_epoch):
     """(epoch, x, y) forever, from `first_epoch` on; the sampler's `skip` applies to it alone."""
     for epoch in itertools.count(first_epoch):
         sampler.set_epoch(epoch)  # the shuffled order is a function of (seed, epoch)
-        for x, y in loader:
+        batches = iter(loader)
+        # PyTorch's SIGCHLD handler raises a dead worker's error at whatever line the trainer is
+        # on (inside torch.save, say). Without it, the error comes at the next fetch, between two
+        # steps, where the loop can still write a checkpoint (step 1 of the loop).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for x, y in batches:
             yield epoch, x, y
         sampler.skip = 0
 
@@ -686,6 +702,76 @@ def prepare_batch(x, kind, generator):
         return (mean + std * noise) * 0.18215
     flip = torch.rand(len(x), device=x.device, generator=generator) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)  # random horizontal flips
+
+
+def load_vae(name, device):
+    """The SD-VAE in fp32, eval mode: `ema` or `mse` (stabilityai/sd-vae-ft-*, fetched once by
+    diffusers), or a folder of diffusers weights (save_pretrained's: for machines offline).
+    diffusers is imported only here, so everything else runs without it."""
+    source = f"stabilityai/sd-vae-ft-{name}" if name in ("ema", "mse") else name
+    try:
+        from diffusers import AutoencoderKL
+        return AutoencoderKL.from_pretrained(source).to(device).eval()
+    except ImportError:
+        raise UserError("the SD-VAE needs diffusers: pip install diffusers") from None
+    except Exception as e:  # offline, or not a folder of diffusers weights
+        raise UserError(f"cannot load the SD-VAE {source} ({error_line(e)}): --vae takes ema, "
+                        f"mse or a folder that AutoencoderKL.save_pretrained wrote") from None
+
+
+@torch.no_grad()
+def encode_latents(args):
+    """--encode DIR: the image folder --data-dir -> DIR/vae-sd/, the layout LatentDataset reads.
+
+    As the official preprocessing (EDM2's dataset tool) makes it: the ADM crop at --resolution,
+    pixels in [-1, 1], the SD-VAE in fp32, one float32 .npy (8, R/8, R/8) per image holding the
+    posterior's mean and std. Unlike it: batched, sharded over torchrun processes, resumable.
+    Batches are cut at fixed index multiples, so an image's bytes depend neither on the process
+    count nor on interruptions; a rerun makes only the missing files, each written atomically;
+    dataset.json comes last, once every file exists.
+    """
+    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
+    args.dataset = "folder"
+    dataset = build_dataset(args)  # ImageFolder: labels from the sorted class folder names
+    out = Path(args.encode, "vae-sd")
+    vae_name = args.vae if args.vae in ("ema", "mse") else os.path.abspath(args.vae)
+    made_by = json.dumps({"resolution": args.resolution, "vae": vae_name})  # one encoding only
+    marker = out / "encoding.json"
+    vae = load_vae(args.vae, device)
+    if rank == 0 and out.exists() and not (marker.exists() and marker.read_text() == made_by):
+        raise UserError(f"{out} holds another encoding, not {made_by}: choose another --encode "
+                        f"folder (the two must not mix)")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(made_by)  # (before any latent file)
+    files = [out / (os.path.relpath(path, args.data_dir) + ".npy") for path, _ in dataset.samples]
+    N, B = len(files), args.batch_size
+    batches = [range(start, min(start + B, N)) for start in range(0, N, B)]
+    todo = [batch for batch in batches if not all(files[i].exists() for i in batch)]
+    if ddp:
+        dist.barrier()  # every process has listed what is missing before any writes
+    mine = todo[rank::world_size]
+    loader = DataLoader(dataset, batch_sampler=mine, num_workers=args.num_workers)
+    with tqdm(total=N, initial=N - sum(map(len, todo)), unit="img", disable=rank != 0,
+              desc=f"encoding {args.resolution} px images with {vae_name}") as bar:
+        for indices, (x, _) in zip(mine, loader):
+            posterior = vae.encode(x.to(device)).latent_dist
+            moments = torch.cat([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
+            for i, array in zip(indices, moments):  # (8, R/8, R/8) each
+                if not files[i].exists():
+                    files[i].parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write(files[i], partial(np.save, arr=array), "latent file")
+            bar.update(len(indices) * world_size)  # (the other processes' pace taken as ours)
+    if ddp:
+        dist.barrier()  # every file is written (a process that failed ended the job)
+    if rank == 0:
+        labels = [[str(f.relative_to(out)), label] for f, (_, label) in zip(files, dataset.samples)]
+        Path(f"{out}/dataset.json.tmp").write_text(json.dumps({"labels": labels}))
+        os.replace(f"{out}/dataset.json.tmp", out / "dataset.json")  # atomic, as every file
+        print(f"wrote {N} latents of {len(dataset.classes)} classes and {out}/dataset.json: "
+              f"train on them with --data-dir {args.encode}", flush=True)
+    if ddp:
+        dist.destroy_process_group()
 
 
 # ==================================================================================================
@@ -727,14 +813,23 @@ class Logger:
         self.write("log.txt", line)
 
 
-def atomic_save(obj, path):
-    """torch.save to path.tmp, fsync, rename: a crash leaves the old file or the new one, never
-    half of one."""
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)  # atomic: readers see the old file or the new one
+def atomic_write(path, write, what="file"):
+    """write(f) into path.tmp, fsync, rename: a crash leaves the old file or the new one, never
+    half of one. A write that fails (a full disk, an I/O error, no permission) removes its .tmp
+    and is one line naming the file and the reason."""
+    try:
+        with open(f"{path}.tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{path}.tmp", path)  # atomic: readers see the old file or the new one
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(f"{path}.tmp")
+        while not isinstance(e, OSError) and e.__context__:  # torch.save wraps it in a RuntimeError
+            e = e.__context__
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
+        raise UserError(f"cannot write {what} {path}: {reason}") from None
 
 
 def load_checkpoint(path):
@@ -750,6 +845,22 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= ckpt.keys():
         raise UserError(f"{path} is not a training checkpoint of sra.py")
     return ckpt
+
+
+# What makes a run what it is: a resumed run may not change it (the model, the data's shape, the
+# objective, the random streams)
+FIXED_SETTINGS = {"model", "learn_sigma", "num_classes", "cfg_prob", "dataset", "resolution",
+                  "path_type", "prediction", "weighting", "no_sra", "block_out_s", "block_out_t",
+                  "t_max", "loss_type", "mixed_precision", "seed"}
+
+
+def saved_settings(args):
+    """The settings of the run that --resume continues, from its args.json ({} if it has none):
+    the run folder of --output-dir/--exp-name for `auto`, the checkpoint's own for a path."""
+    run_dir = Path(args.output_dir, args.exp_name) if args.resume == "auto" else (
+        Path(args.resume).absolute().parent.parent)  # <run>/checkpoints/NNNNNNN.pt
+    path = run_dir / "args.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def list_checkpoints(run_dir):
@@ -807,21 +918,14 @@ def train_flops(model, args):
     return 3 * forward_flops(model) + (0 if args.no_sra else sra_flops)
 
 
-# SIGTERM (a scheduler's preemption) only sets this flag: the loop finishes its step, writes a
-# checkpoint and exits 0
+# SIGTERM (a scheduler's preemption, a time limit) only sets this flag: the loop finishes its
+# step, writes a checkpoint and exits 0
 STOP_REQUESTED = threading.Event()
 
 
 def on_sigterm(signum, frame):
     """The SIGTERM handler."""
     STOP_REQUESTED.set()
-
-
-def own_process_group(worker_id):
-    """DataLoader workers leave the trainer's process group. A SIGTERM to the whole group (from
-    torchrun, `timeout`, a shell) then reaches the trainer alone: a worker killed by it would fail
-    the step before its checkpoint. The trainer shuts its workers down itself."""
-    os.setpgrp()
 
 
 # ==================================================================================================
@@ -854,12 +958,9 @@ def main(args):
     synthetic batches, writes nothing, and returns its timings."""
     ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    dataset = build_dataset(args)
-    model, ema, opt, scaler = build(args, device)
-    raw_model = model  # the plain module, for state dicts and the EMA, whatever wraps `model`
-    parts = {"model": raw_model, "ema": ema, "opt": opt, "scaler": scaler}  # what checkpoints hold
 
-    # ---- Resume. Every input check passes before the run folder is made (after the data).
+    # ---- Resume (with the run's own settings: parse_args). Every input check passes before the
+    # run folder is made.
     run_dir = None if args.bench else os.path.abspath(os.path.join(args.output_dir, args.exp_name))
     if run_dir and list_checkpoints(run_dir) and not args.resume:
         raise UserError(f"{run_dir} has a run: continue with --resume auto, or another --exp-name")
@@ -869,12 +970,17 @@ def main(args):
         resume_path, ckpt = find_resume_checkpoint(run_dir, logger.info)
     elif args.resume:
         ckpt = load_checkpoint(args.resume)
-    if ckpt is not None:  # the checkpoint must fit the model and the flags
+    dataset = build_dataset(args)
+    model, ema, opt, scaler = build(args, device)
+    raw_model = model  # the plain module, for state dicts and the EMA, whatever wraps `model`
+    parts = {"model": raw_model, "ema": ema, "opt": opt, "scaler": scaler}  # what checkpoints hold
+    if ckpt is not None:  # the checkpoint fits the model (the run's own settings) unless edited
         try:
             for key, part in parts.items():
                 part.load_state_dict(ckpt[key])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{resume_path} does not fit {args.model}: {error_line(e)}")
+        except (RuntimeError, ValueError, KeyError) as e:  # PyTorch's lines name keys and shapes
+            reason = " ".join(str(e).split())[:400]
+            raise UserError(f"{resume_path} does not fit {args.model}: {reason}")
 
     # ---- Random streams. Training randomness (label dropout, noise, times, flips, latents) comes
     # from one generator per rank, seeded seed * world_size + rank, and checkpoints hold every
@@ -891,7 +997,7 @@ def main(args):
     sampler = ResumableSampler(dataset, world_size, rank, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.num_workers > 0, worker_init_fn=own_process_group)
+                        persistent_workers=args.num_workers > 0)
     if len(loader) < accum:
         raise UserError(f"{len(dataset)} items make less than one step: lower --batch-size")
     epoch, skip = divmod(step * accum, len(loader))  # the micro-batch to resume at
@@ -903,7 +1009,8 @@ def main(args):
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     if ckpt is not None:
-        logger.info(f"resumed from {resume_path} at step {step}")
+        logger.info(f"resumed from {resume_path} at step {step}, with the run's settings"
+                    + "".join(f"; {change}" for change in args.changes))
 
     # ---- Speed: DDP, then torch.compile; bf16 autocast; the DiT tables live on the device
     if ddp:
@@ -936,59 +1043,44 @@ def main(args):
     # with a non-finite gradient), read by the host only at log and checkpoint steps
     sums = torch.zeros(5, device=device)
     skipped_steps = 0
-    last_ckpt = resume_path
+    last_ckpt = resume_path or "none yet"
+    saved_step = logged_step = step
     step_times = []
     timer = time.perf_counter()
-    logged_step = step
     batch = args.batch_size * world_size * accum  # the global batch of one optimizer step
-    logger.info(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters), "
-                f"{world_size} process(es) on {device}, global batch {batch}, steps {step} -> "
-                f"{total_steps}; every setting is in args.json")
+    logger.info(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters) "
+                f"on {args.input_space}, {world_size} process(es) on {device}, global batch "
+                f"{batch}, steps {step} -> {total_steps}; every setting is in args.json")
 
     # ==============================================================================================
-    # The training loop: one optimizer step per iteration
+    # The training loop. Between two steps (and before the first): the next step's data, whether
+    # to stop, checks, logging, checkpoints. Then one optimizer step.
     # ==============================================================================================
-    while step < total_steps:
-        weight = align_weight(step, args.align_weight, args.align_decay_start,
-                              args.align_decay_steps)
-        # 1. Micro-batches. DDP all-reduces gradients during backward; no_sync skips that on all
-        #    but the last micro-batch, so a step costs one all-reduce.
-        for micro in range(accum):
-            epoch, x, y = next(batches)
-            x = prepare_batch(x.to(device, non_blocking=True), args.dataset, generator)
-            y = y.to(device, non_blocking=True)
-            with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
-                # 2. The SRA loss: L = L_denoise + lambda * L_align (student vs EMA teacher)
-                with autocast:
-                    denoise, align, cos = training_losses(model, ema, x, y, args, diffusion,
-                                                          generator)
-                    loss = (denoise + weight * align) / accum
-                # 3. Backward; fp16 scales the loss so that small gradients do not underflow
-                scaler.scale(loss).backward()
-            sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
-        # 4. Unscale and clip. A non-finite norm is an fp16 overflow: the scaler skips this step
-        #    and lowers its scale. In bf16/fp32 it stops the run at the next check.
-        scaler.unscale_(opt)
-        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
-        finite = torch.isfinite(grad_norm)
-        sums[3:] += torch.stack([torch.where(finite, grad_norm, 0.0), (~finite).float()])
-        # 5. The optimizer step (a plain opt.step() when the scaler is off)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        # 6. The EMA teacher follows the student
-        update_ema(ema_params, model_params, args.ema_decay)
-        step += 1
-        bar.update()
-
-        # 7. Preemption: the ranks agree over the CPU group (no GPU sync) to stop after this step
+    while True:
+        # 1. The next step's micro-batches. Fetched here, between two steps, a dead DataLoader
+        #    worker (a scheduler signals every process of a job; an OOM killer) is an error at a
+        #    point where model, EMA, optimizer and random stream hold a completed step.
+        if step < total_steps and not STOP_REQUESTED.is_set():
+            try:
+                micro_batches = [next(batches) for _ in range(accum)]
+            except (RuntimeError, OSError, EOFError) as e:  # (OSError: it died mid-batch)
+                time.sleep(1)  # a SIGTERM to this process, or the worker's end, may lag behind
+                if not STOP_REQUESTED.is_set():  # (its SIGTERM reached us too: stop, below)
+                    # name the dead worker if PyTorch did not (a look, without reaping it)
+                    dead = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                    cause = f"DataLoader worker (pid {dead.si_pid}) died" if dead else error_line(e)
+                    raise UserError(f"the data loader failed after step {step} ({cause}); last "
+                                    f"good checkpoint: {last_ckpt}") from None
+        # 2. Stop? After a SIGTERM to any rank, they all stop after the same step: they agree over
+        #    the CPU group (no GPU sync) before any starts a step that another would not finish.
         flag = torch.tensor([float(STOP_REQUESTED.is_set())])  # on the CPU
         if ddp:
             dist.all_reduce(flag, group=stop_group)
         stopping = flag.item() > 0
-        log_now = step % args.log_every == 0 or step == total_steps
-        save_now = step % args.checkpoint_steps == 0 or step == total_steps or stopping
-        # 8. Check the sums: the only place where the host waits for the device. Nothing
+        log_now = step > logged_step and (step % args.log_every == 0 or step == total_steps)
+        save_now = step > saved_step and (step % args.checkpoint_steps == 0
+                                          or step == total_steps or stopping)
+        # 3. Check the sums: the only place where the host waits for the device. Nothing
         #    non-finite is ever logged as progress or checkpointed.
         if log_now or save_now:
             if ddp:  # the mean over ranks (a mean of equal means is that mean, so this is safe)
@@ -998,7 +1090,7 @@ def main(args):
             if not math.isfinite(denoise + align) or (nonfinite and not scaler.is_enabled()):
                 raise UserError(f"non-finite loss or gradient by step {step}; stopping. Last good "
                                 f"checkpoint: {last_ckpt} (resume from it, maybe with a lower lr)")
-        # 9. Log: one line (and the progress bar), one JSON record in metrics.jsonl
+        # 4. Log: one line (and the progress bar), one JSON record in metrics.jsonl
         if log_now:
             n = step - logged_step
             elapsed = time.perf_counter() - timer
@@ -1019,23 +1111,61 @@ def main(args):
             sums.zero_()
             timer = time.perf_counter()
             logged_step = step
-        # 10. Checkpoint: rank 0 writes the parts, the step and every rank's random stream,
-        #     atomically; only then are old checkpoints pruned
+        # 5. Checkpoint: rank 0 writes the parts, the step and every rank's random stream,
+        #    atomically; only then are old checkpoints pruned. A write that fails (a full disk)
+        #    ends the run; under torchrun the other ranks go with it (torchrun stops them).
         if save_now and run_dir:  # (the benchmark saves nothing)
             rng = [generator.get_state()] * world_size
             if ddp:
                 dist.all_gather_object(rng, generator.get_state())
+            path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
             if rank == 0:
-                last_ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
                 state = {key: part.state_dict() for key, part in parts.items()}
                 state.update(args=vars(args), step=step, epoch=epoch, rng=rng)
-                atomic_save(state, last_ckpt)
-                if args.keep_last:
-                    prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
-                logger.info(f"saved checkpoint {last_ckpt}")
+                try:
+                    atomic_write(path, partial(torch.save, state), "checkpoint")
+                except UserError as e:
+                    raise UserError(f"{e}; last good checkpoint: {last_ckpt}") from None
+            last_ckpt, saved_step = path, step
+            if args.keep_last and rank == 0:
+                prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
+            logger.info(f"saved checkpoint {path}")
         if stopping:
             logger.info(f"SIGTERM: stopped at step {step}; continue with --resume auto")
+        if stopping or step == total_steps:
             break
+
+        # ---- One optimizer step
+        weight = align_weight(step, args.align_weight, args.align_decay_start,
+                              args.align_decay_steps)
+        # 6. Micro-batches. DDP all-reduces gradients during backward; no_sync skips that on all
+        #    but the last micro-batch, so a step costs one all-reduce.
+        for micro, (epoch, x, y) in enumerate(micro_batches):
+            x = prepare_batch(x.to(device, non_blocking=True), args.dataset, generator)
+            y = y.to(device, non_blocking=True)
+            with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
+                # 7. The SRA loss: L = L_denoise + lambda * L_align (student vs EMA teacher)
+                with autocast:
+                    denoise, align, cos = training_losses(model, ema, x, y, args, diffusion,
+                                                          generator)
+                    loss = (denoise + weight * align) / accum
+                # 8. Backward; fp16 scales the loss so that small gradients do not underflow
+                scaler.scale(loss).backward()
+            sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
+        # 9. Unscale and clip. A non-finite norm is an fp16 overflow: the scaler skips this step
+        #    and lowers its scale. In bf16/fp32 it stops the run at the next check.
+        scaler.unscale_(opt)
+        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        finite = torch.isfinite(grad_norm)
+        sums[3:] += torch.stack([torch.where(finite, grad_norm, 0.0), (~finite).float()])
+        # 10. The optimizer step (a plain opt.step() when the scaler is off), then the EMA teacher
+        #     follows the student
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema_params, model_params, args.ema_decay)
+        step += 1
+        bar.update()
 
     bar.close()
     logger.info(f"done: {step} steps, last checkpoint {last_ckpt}")
@@ -1047,11 +1177,11 @@ def main(args):
     tflops = flops_per_image * batch / seconds / 1e12  # the whole job
     peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return dict(model=args.model, sra=not args.no_sra, batch=args.batch_size,
-                shape=args.bench_shape, dtype=args.mixed_precision, device=device_name,
-                world_size=world_size, compile=args.compile, step_s_median=seconds,
-                grad_checkpointing=args.grad_checkpointing, peak_mem_gb=peak_mem,
-                img_per_s=batch / seconds, tflops=tflops, flops_per_img=flops_per_image,
-                mfu=tflops / world_size / peak if peak else None)
+                shape=args.bench_shape, dtype=args.mixed_precision.replace("no", "fp32"),
+                device=device_name, world_size=world_size, compile=args.compile,
+                step_s_median=seconds, grad_checkpointing=args.grad_checkpointing,
+                peak_mem_gb=peak_mem, img_per_s=batch / seconds, tflops=tflops,
+                flops_per_img=flops_per_image, mfu=tflops / world_size / peak if peak else None)
 
 
 BENCH_WARMUP = 2  # untimed steps first: the first step allocates (and compiles, with --compile)
@@ -1100,13 +1230,17 @@ def parse_args(argv=None):
     add("--loss-type", default="sml1", choices=["sml1", "cos"], help="alignment distance")
     add("--align-weight", type=float, help="lambda (default: 0.2 SiT, 0.04 DiT; 0.5 for cos)")
     add("--align-decay-start", type=int, default=745_596, help="step where lambda starts to decay")
-    add("--align-decay-steps", type=int, help="steps per tenfold decay (default: sml1 5004000)")
+    add("--align-decay-steps", type=int,
+        help="steps per tenfold decay (default: 5004000 for sml1, 0 = constant for cos)")
     add("--ema-decay", type=float, default=0.9999, help="EMA (teacher) decay per step")
     add = parser.add_argument_group("data").add_argument
     add("--data-dir", help="image folder, folder with vae-sd/, CIFAR-10 root; none: built-in")
     add("--dataset", choices=["builtin", "cifar10", "folder", "latents"], help="default: inferred")
     add("--resolution", type=int, help="default: 256 (32 for built-in and CIFAR-10)")
     add("--num-workers", type=int, default=min(4, os.cpu_count() // 2), help="loader processes")
+    add("--encode", metavar="DIR", help="only encode the image folder --data-dir to SD-VAE "
+        "latents in DIR/vae-sd/ (then train with --data-dir DIR)")
+    add("--vae", default="ema", help="SD-VAE of --encode: ema, mse or a folder of its weights")
     add = parser.add_argument_group("optimisation").add_argument
     add("--batch-size", type=int, default=32, help="per process (the paper: 32 x 8 GPUs)")
     add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
@@ -1141,12 +1275,25 @@ def parse_args(argv=None):
     add("--bench-steps", type=int, help="timed steps (default: 20 on a GPU, 3 on a CPU)")
     add("--peak-tflops", type=float, help="peak of the device for MFU (default: known GPUs)")
     args = parser.parse_args(argv)
+    if args.exp_name is None:
+        args.exp_name = args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
+    # A resumed run takes its settings from its args.json and the flags given now: parsed onto
+    # those settings, as argparse fills in defaults only where the namespace has no value
+    saved = saved_settings(args) if args.resume and not args.bench else {}
+    args = parser.parse_args(argv, argparse.Namespace(**saved)) if saved else args
+    changed = [key for key, old in saved.items() if getattr(args, key) != old and key != "resume"]
+    for key in changed:
+        if key in FIXED_SETTINGS:
+            raise UserError(f"--{key.replace('_', '-')} cannot change in a resumed run (it was "
+                            f"{saved[key]}): drop it, or start a new run with another --exp-name")
+    args.changes = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in changed]
 
     if args.model not in MODELS:
         close = difflib.get_close_matches(args.model, MODELS, n=1, cutoff=0)[0]
         raise UserError(f"unknown model {args.model!r} (did you mean {close}?): models are "
                         f"SiT|DiT-{{T,S,B,L,XL}}/{{2,4,8}}")
     args.family, size = args.model.split("/")[0].split("-")
+    args.learn_sigma = args.family == "DiT" if args.learn_sigma is None else args.learn_sigma
     depth = SIZES[size][0]
     student, teacher = BLOCK_PAIRS.get(args.model.split("/")[0], (1, 4))  # (1, 4): T
     args.block_out_s = student if args.block_out_s is None else args.block_out_s
@@ -1162,8 +1309,6 @@ def parse_args(argv=None):
     # auto: bf16 where the GPU has it natively (Ampere on; False: not emulated), else fp32
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if torch.cuda.is_bf16_supported(False) else "no"
-    if args.exp_name is None:
-        args.exp_name = args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
     if args.bench:  # synthetic data; log every step, so that the loop's own clock times each step
         args.dataset = "synthetic"
         args.num_classes = args.num_classes or 1000
@@ -1188,10 +1333,8 @@ def error_line(e):
 if __name__ == "__main__":
     try:
         arguments = parse_args()
-        if arguments.bench:
-            bench(arguments)
-        else:
-            main(arguments)
+        run = encode_latents if arguments.encode else bench if arguments.bench else main
+        run(arguments)
     except UserError as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         sys.exit(2)

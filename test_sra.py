@@ -6,6 +6,7 @@ a real process is the point); and sample.py (samplers on closed-form toys, check
 """
 import argparse
 import ast
+import errno
 import fcntl
 import functools
 import gc
@@ -15,6 +16,7 @@ import math
 import os
 import pty
 import re
+import resource
 import select
 import shutil
 import signal
@@ -503,9 +505,10 @@ def test_align_weight_schedule_and_defaults():
     assert (args.epochs, args.max_train_steps) == (801, 4_100_000)
     args = sra.parse_args(["--model", "DiT-XL/2"])
     assert (args.block_out_s, args.block_out_t, args.align_weight) == (8, 16, 0.04)
-    assert args.learn_sigma is None
-    with torch.device("meta"):  # learn_sigma None: build_model resolves it, yes for DiT
-        dit = sra.build_model("DiT", "XL", 2, learn_sigma=args.learn_sigma)
+    # the value used, as args.json records it: DiT learns its variance, SRA's SiT does not
+    assert args.learn_sigma is True and sra.parse_args(["--model", "SiT-B/2"]).learn_sigma is False
+    with torch.device("meta"):  # build_model alone resolves None the same way
+        dit = sra.build_model("DiT", "XL", 2, learn_sigma=None)
         sit = sra.build_model("SiT", "XL", 2, learn_sigma=None)
     assert (dit.learn_sigma, dit.out_channels, sit.learn_sigma, sit.out_channels) == (
         True, 8, False, 4)
@@ -871,7 +874,8 @@ def test_no_host_device_sync_inside_a_training_step(monkeypatch, model, precisio
         guard.set(False)
     assert guard.hits == []
     assert guard.arms == (sra.BENCH_WARMUP + 1) * int(accum)  # every micro-batch was guarded
-    assert result["dtype"] == precision and math.isfinite(result["step_s_median"])
+    assert result["dtype"] == {"no": "fp32"}.get(precision, precision)
+    assert math.isfinite(result["step_s_median"])
 
 
 def test_two_process_torchrun_cpu(tmp_path):
@@ -921,7 +925,7 @@ def test_bench_is_the_training_loop_and_its_figures_add_up(capsys, monkeypatch):
     for record, is_sra in ((vanilla, False), (with_sra, True)):
         assert (record["model"], record["sra"], record["batch"], record["shape"]) == (
             "SiT-T/8", is_sra, 2, [3, 16, 16])
-        assert (record["dtype"], record["device"], record["peak_mem_gb"]) == ("no", "cpu", None)
+        assert (record["dtype"], record["device"], record["peak_mem_gb"]) == ("fp32", "cpu", None)
         assert record["step_s_median"] > 0
         assert record["img_per_s"] == pytest.approx(2 / record["step_s_median"], rel=1e-9)
         tflops = record["flops_per_img"] * 2 / record["step_s_median"] / 1e12
@@ -1359,45 +1363,215 @@ def test_sigkill_then_sigterm_then_resume_auto_is_bit_identical(tmp_path, refere
     assert_same_training_state(ckpt_path(run_dir, STEPS), ckpt_path(reference.dir, STEPS))
 
 
-def test_sigterm_to_every_process_of_the_job_still_checkpoints(tmp_path):
-    """SIGTERM to every process of the job, as schedulers send it, DataLoader workers included: the
-    workers ignore it, and the trainer finishes its step, writes a checkpoint and exits 0."""
-    cmd = [sys.executable, SRA, *TINY, "--num-workers", "1", "--max-train-steps", "1000",
-           "--checkpoint-steps", "1000", "--output-dir", str(tmp_path), "--exp-name", "run"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=open(tmp_path / "run.out", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # its own group
+# sra.py as it is, one moment of its run made slow, so that a signal sent meanwhile lands there:
+# the trainer waiting for its DataLoader workers, inside a step, or inside a checkpoint's torch.save
+SLOW = r"""
+import os, sys, time, torch
+import sra
+where = os.environ["SLOW"]
+real_item, real_losses, real_save = sra.ShapesDataset.__getitem__, sra.training_losses, torch.save
+def slow_item(self, index):  # in the workers: two of them take 0.2 s a batch of 2
+    time.sleep(0.2)
+    return real_item(self, index)
+def slow_losses(*args):
+    time.sleep(0.1)
+    return real_losses(*args)
+def slow_save(obj, f):
+    real_save(obj, f)
+    open(os.environ["SAVING"], "w").close()  # the file is half made: not yet fsynced, not renamed
+    time.sleep(1)
+if where == "fetch":
+    sra.ShapesDataset.__getitem__ = slow_item
+if where == "step":
+    sra.training_losses = slow_losses
+if where == "save":
+    torch.save = slow_save
+sra.main(sra.parse_args(sys.argv[1:]))
+"""
+
+
+def job_pids(pid):
+    """`pid` and all its descendants: every process of the job, as a scheduler signals them."""
+    return [pid] + [p for child in children(pid) for p in job_pids(child)]
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    """An uninterrupted run of STEPS steps with --gradient-accumulation-steps 2 (the reference)."""
+    root = tmp_path_factory.mktemp("accumulated")
+    proc = train(root, "--max-train-steps", str(STEPS), "--gradient-accumulation-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return os.path.join(root, "run")
+
+
+@pytest.mark.parametrize("moment", ["fetch", "step", "step, accumulating", "save"])
+def test_sigterm_to_every_pid_of_the_job_checkpoints_and_resumes_bit_identical(
+        moment, tmp_path, reference, accumulated):
+    """SIGTERM to the trainer and to each DataLoader worker by pid (SLURM at a time limit), while
+    batches are fetched, mid-step (also with 2 micro-batches a step) or during a checkpoint write:
+    a checkpoint of a completed step, logged, exit 0, no process left; resumed, bit-identical."""
+    accum = ["--gradient-accumulation-steps", "2"] if "accumulating" in moment else []
+    script, saving = tmp_path / "slow.py", tmp_path / "saving"
+    script.write_text(SLOW)
+    cmd = [sys.executable, str(script), *TINY, *accum, "--num-workers", "2", "--output-dir",
+           str(tmp_path), "--exp-name", "run", "--max-train-steps", "1000",
+           "--checkpoint-steps", "2" if moment == "save" else "1000"]
+    env = dict(ENV, SLOW=moment.split(",")[0], SAVING=str(saving))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(tmp_path / "run.out", "w"),
+                            stderr=subprocess.STDOUT)
+    run_dir, log_path, pids = tmp_path / "run", tmp_path / "run" / "log.txt", []
     try:
-        wait_for(lambda: "step 2/" in read(tmp_path / "run" / "log.txt"), "step 2", proc=proc)
-        os.killpg(proc.pid, signal.SIGTERM)
+        if moment == "save":
+            wait_for(saving.exists, "a checkpoint write", proc=proc)
+        else:
+            wait_for(lambda: "step 3/" in read(log_path), "step 3", proc=proc)
+        pids = job_pids(proc.pid)
+        assert len(pids) == 3, pids  # the trainer and its two workers
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        wait_for(lambda: not any(alive(pid) for pid in pids), "every process to exit", timeout=10)
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        stop(proc)
+    assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
+    step = steps_saved(run_dir)[-1]
+    assert step < STEPS and sra.load_checkpoint(ckpt_path(run_dir, step))["step"] == step
+    assert f"SIGTERM: stopped at step {step}; continue with --resume auto" in read(log_path)
+    assert not glob.glob(str(run_dir / "checkpoints" / "*.tmp"))
+
+    proc = train(tmp_path, *accum, "--resume", "auto", "--max-train-steps", str(STEPS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = accumulated if accum else reference.dir
+    assert_same_training_state(ckpt_path(run_dir, STEPS), ckpt_path(ref, STEPS))
+
+
+def test_sigkill_of_a_dataloader_worker_is_one_line_naming_it_and_the_last_checkpoint(tmp_path):
+    """One DataLoader worker killed (an OOM killer): one line naming the worker and the last good
+    checkpoint, exit 2, no hang, no half-written file; that checkpoint loads."""
+    proc = start(tmp_path, "--num-workers", "2", "--max-train-steps", "1000", "--checkpoint-steps",
+                 "2", out="run.out")
+    run_dir = tmp_path / "run"
+    try:
+        wait_for(lambda: "saved checkpoint" in read(run_dir / "log.txt"), "a checkpoint", proc=proc)
+        workers = children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         stop(proc)
-    assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
-    assert "SIGTERM: stopped at step" in read(tmp_path / "run" / "log.txt")
-    assert len(sra.list_checkpoints(tmp_path / "run")) == 1
+    lines = read(tmp_path / "run.out").strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: the data loader failed"), lines[-5:]
+    good = ckpt_path(run_dir, steps_saved(run_dir)[-1])
+    # PyTorch's "DataLoader worker (pid(s) P) exited unexpectedly", or ours when the worker died
+    # while it sent a batch
+    assert re.search(rf"DataLoader worker \(pid(\(s\))? {workers[1]}\)", lines[-1]), lines[-1]
+    assert lines[-1].endswith(f"last good checkpoint: {good}") and "Traceback" not in lines[-2]
+    assert sra.load_checkpoint(good) and not glob.glob(str(run_dir / "checkpoints" / "*.tmp"))
+
+
+def limit_file_size():
+    """In the child, before it runs: files cannot grow past 1 MB, and a write past that fails
+    with EFBIG instead of killing the process (SIGXFSZ ignored): a full disk, without a mount."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+def test_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(tmp_path):
+    """A checkpoint write that fails for real (EFBIG): one line with the reason and the last good
+    checkpoint, exit 2, the .tmp removed, the last good checkpoint intact."""
+    assert train(tmp_path, "--max-train-steps", "2").returncode == 0
+    good = ckpt_path(tmp_path / "run", 2)
+    before = open(good, "rb").read()
+    cmd = [sys.executable, SRA, *TINY, "--output-dir", str(tmp_path), "--exp-name", "run",
+           "--resume", "auto", "--max-train-steps", "4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=180,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: cannot write checkpoint {ckpt_path(tmp_path / 'run', 4)}"
+                                   f": File too large; last good checkpoint: {good}")
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000002.pt"]
+    assert open(good, "rb").read() == before
+
+
+def write_then_no_space(obj, f):
+    """torch.save into a disk that fills up half-way."""
+    f.write(b"PK\x03\x04" + bytes(1000))
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_at_a_checkpoint_names_it(tmp_path, monkeypatch, small):
+    """ENOSPC at a checkpoint: `cannot write checkpoint PATH: No space left on device; last good
+    checkpoint: ...`, nothing half-written left behind."""
+    run_main(tmp_path, "--max-train-steps", "1")
+    monkeypatch.setattr(torch, "save", write_then_no_space)
+    with pytest.raises(sra.UserError) as error:
+        run_main(tmp_path, "--max-train-steps", "2", "--resume", "auto")
+    path, good = ckpt_path(tmp_path / "run", 2), ckpt_path(tmp_path / "run", 1)
+    assert str(error.value) == (f"cannot write checkpoint {path}: No space left on device; "
+                                f"last good checkpoint: {good}")
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["0000001.pt"]
+
+
+def test_torchrun_checkpoint_that_cannot_be_written_ends_every_rank(tmp_path):
+    """torchrun, 2 ranks: rank 0 cannot write its checkpoint: its one line, and every process of
+    the job has exited within 30 s (none waits for rank 0)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SRA,
+           *TINY, "--num-workers", "1", "--output-dir", str(tmp_path), "--exp-name", "run",
+           "--max-train-steps", "1000", "--checkpoint-steps", "3"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=open(tmp_path / "run.out", "w"),
+                            stderr=subprocess.STDOUT, preexec_fn=limit_file_size)
+    pids = []
+    try:
+        wait_for(lambda: "step 2/" in read(tmp_path / "run" / "log.txt"), "step 2", proc=proc)
+        pids = job_pids(proc.pid)
+        proc.wait(timeout=30)
+        wait_for(lambda: not any(alive(pid) for pid in pids), "every process to exit", timeout=10)
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        stop(proc)
+    path = ckpt_path(tmp_path / "run", 3)
+    assert proc.returncode != 0
+    assert (f"error: cannot write checkpoint {path}: File too large; last good checkpoint: none yet"
+            in read(tmp_path / "run.out"))
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []
 
 
 DDP_STEPS = 12  # the final step of the preempted DDP run
 
 
-def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_identical(tmp_path):
-    """torchrun: SIGTERM to rank 1 alone stops both ranks at the same step, exit 0; resume is bit-identical."""
-    flags = ["--checkpoint-steps", "1000"]
+@pytest.mark.parametrize("who", ["rank 1", "every pid"])
+def test_sigterm_to_ddp_ranks_stops_every_rank_within_a_step_and_resumes_bit_identical(who, tmp_path):
+    """torchrun: SIGTERM to rank 1 alone (exit 0), or to every process of the job (the agent, both ranks,
+    their DataLoader workers; torchrun then reports the signal): both ranks stop at the same step, within a
+    step of the signal, and checkpoint; resume is bit-identical."""
+    flags = ["--checkpoint-steps", "1000", "--num-workers", "1"]
     ref = torchrun(tmp_path, *flags, "--max-train-steps", str(DDP_STEPS), exp="ref")
     proc = torchrun(tmp_path, *flags, "--max-train-steps", "1000", exp="run")
-    run_dir, log_path = tmp_path / "run", tmp_path / "run" / "log.txt"
+    run_dir, log_path, pids = tmp_path / "run", tmp_path / "run" / "log.txt", []
     try:
         wait_for(lambda: "step 3/" in read(log_path), "step 3", proc=proc)
         workers = {rank_of(pid): pid for pid in children(proc.pid)}
         assert sorted(workers) == [0, 1], workers
+        pids = job_pids(proc.pid) if who == "every pid" else [workers[1]]  # rank 1 neither logs nor saves
+        assert len(pids) in (1, 5), pids  # (the agent, 2 ranks, a DataLoader worker each)
         last = logged_steps(read(log_path))[-1]  # read just before the signal: the log may lag behind
-        os.kill(workers[1], signal.SIGTERM)  # the rank that neither logs nor writes checkpoints
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
         proc.wait(timeout=60)
+        wait_for(lambda: not any(alive(pid) for pid in pids), "every process to exit", timeout=10)
         ref.wait(timeout=120)
     finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         stop(proc)
         stop(ref)
-    assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
+    assert (proc.returncode == 0) == (who == "rank 1"), read(tmp_path / "run.out")[-3000:]
     assert ref.returncode == 0, read(tmp_path / "ref.out")[-3000:]
     [step] = steps_saved(run_dir)
     assert last < step <= last + 2 and step < DDP_STEPS, (last, step)  # acted on within a step
@@ -1480,7 +1654,7 @@ def test_ddp_ranks_stay_identical_and_match_one_process_with_the_same_global_bat
 # 2. Crash during a checkpoint write, corrupt checkpoints
 
 DIE_MID_WRITE = r"""
-import io, os, signal, sys, torch
+import functools, io, os, signal, sys, torch
 import sra
 real_save = torch.save
 def save_half_then_die(obj, f):  # the kernel kills us half-way through writing the file
@@ -1493,16 +1667,16 @@ def save_half_then_die(obj, f):  # the kernel kills us half-way through writing 
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = save_half_then_die
 new = {"model": {"w": torch.ones(100_000)}, "ema": {}, "opt": {}, "step": 9, "args": {}}
-sra.atomic_save(new, sys.argv[1])
+sra.atomic_write(sys.argv[1], functools.partial(torch.save, new), "checkpoint")
 """
 
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
-    """A process killed while atomic_save writes leaves the old file intact; the half file is never used."""
+    """A process killed while atomic_write writes leaves the old file intact; the half file is never used."""
     os.makedirs(tmp_path / "checkpoints")
     path = ckpt_path(tmp_path, 4)
     old = {"model": {"w": torch.arange(10.0)}, "ema": {}, "opt": {}, "step": 4, "args": {}}
-    sra.atomic_save(old, path)
+    sra.atomic_write(path, functools.partial(torch.save, old), "checkpoint")
     proc = subprocess.run([sys.executable, "-c", DIE_MID_WRITE, path], env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -2267,15 +2441,15 @@ def test_resume_cleanup_and_rerun(ckpts, tmp_path, capsys, monkeypatch):
     ckpt, flags = ckpts["ours"][0], ("--num-fid-samples", 10, "--per-proc-batch-size", 4)
     assert run_cli(ckpt, tmp_path / "ref", *flags) == 0
     ref = npz_of(tmp_path / "ref")
-    save_part = sample.save_part
+    atomic_write = sra.atomic_write
 
-    def save_one_part_then_die(path, images, labels):
+    def save_one_part_then_die(path, data, what):
         if glob.glob(os.path.join(os.path.dirname(path), "*.npz")):
             raise Interrupted
-        save_part(path, images, labels)
+        atomic_write(path, data, what)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(sample, "save_part", save_one_part_then_die)
+    monkeypatch.setattr(sra, "atomic_write", save_one_part_then_die)
     with pytest.raises(Interrupted):
         run_cli(ckpt, out, *flags)
     monkeypatch.undo()
@@ -2300,6 +2474,43 @@ def test_resume_cleanup_and_rerun(ckpts, tmp_path, capsys, monkeypatch):
     assert run_cli(ckpt, tmp_path / "kept", *flags, "--keep-parts") == 0
     assert "6 of 10 samples already done; 1 batch(es) to go" in capsys.readouterr().out
     assert all(np.array_equal(a, b) for a, b in zip(ref, npz_of(tmp_path / "kept")))
+
+
+def savez_until_the_disk_is_full(real, writes_left):
+    """np.savez that writes `writes_left` files, then fails half-way as a full disk does."""
+    def savez(file, *args, **kwargs):
+        if not writes_left:
+            file.write(b"PK\x03\x04")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        writes_left.pop()
+        return real(file, *args, **kwargs)
+    return savez
+
+
+@pytest.mark.parametrize("fails", ["part", "npz"])
+def test_sample_full_disk_is_one_line_and_keeps_finished_parts(fails, ckpts, tmp_path, capsys,
+                                                               monkeypatch):
+    """ENOSPC writing a part file or the .npz: one line naming the file, exit 2, no .tmp; the
+    finished parts stay, and the same command then completes the identical .npz."""
+    ckpt, flags = ckpts["ours"][0], ("--num-fid-samples", 10, "--per-proc-batch-size", 4)
+    writes = [1] * (1 if fails == "part" else 3)  # the first part, or all three
+    monkeypatch.setattr(np, "savez", savez_until_the_disk_is_full(np.savez, writes))
+    assert run_cli(ckpt, tmp_path, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar)
+    (parts,) = glob.glob(str(tmp_path / "*" / "parts-b4"))
+    if fails == "part":
+        failed = os.path.join(parts, "0000004-0000008.npz")
+        assert err == f"error: cannot write part file {failed}: No space left on device"
+        assert os.listdir(parts) == ["0000000-0000004.npz"]
+    else:
+        assert re.fullmatch(r"error: cannot write \.npz \S+-n10\.npz: No space left on device", err)
+        assert sorted(os.listdir(parts)) == ["0000000-0000004.npz", "0000004-0000008.npz",
+                                             "0000008-0000010.npz"]
+    assert not glob.glob(str(tmp_path / "**" / "*.tmp"), recursive=True)
+    monkeypatch.undo()
+    assert run_cli(ckpt, tmp_path, *flags) == 0
+    assert run_cli(ckpt, tmp_path / "ref", *flags) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(npz_of(tmp_path), npz_of(tmp_path / "ref")))
 
 
 def test_grid_shows_new_samples_of_the_global_seed(ckpts, tmp_path, capsys, monkeypatch):

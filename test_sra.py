@@ -1089,6 +1089,219 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, monkeyp
     assert not (out / "run").exists()
 
 
+# A stand-in for diffusers (CI does not install it) with AutoencoderKL's interface:
+# from_pretrained(folder), encode(x).latent_dist.mean / .std, decode(z).sample. Its "weights" are a
+# seeded 1x1 convolution after 8x8 average pooling; FAKE_VAE_DELAY slows each encode() down.
+FAKE_DIFFUSERS = r"""
+import json, os, time, types
+import torch
+import torch.nn.functional as F
+
+
+class AutoencoderKL(torch.nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        weight = torch.randn(8, 3, 1, 1, generator=torch.Generator().manual_seed(seed))
+        self.weight = torch.nn.Parameter(weight)
+
+    @classmethod
+    def from_pretrained(cls, source):
+        if not os.path.isfile(os.path.join(source, "config.json")):  # as offline diffusers fails
+            raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {source}")
+        with open(os.path.join(source, "config.json")) as f:
+            return cls(**json.load(f))
+
+    def encode(self, x):
+        time.sleep(float(os.environ.get("FAKE_VAE_DELAY", 0)))
+        mean, logvar = F.conv2d(F.avg_pool2d(x, 8), self.weight).chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30, 20))
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=mean, std=std))
+
+    def decode(self, z):
+        return types.SimpleNamespace(sample=F.interpolate(z[:, :3], scale_factor=8).tanh())
+"""
+
+
+def fake_vae(root, seed=0):
+    """root/site/diffusers (the stand-in package) and root/vae-<seed>/ (its weights, as
+    save_pretrained leaves a folder) -> (site, vae folder)."""
+    (root / "site" / "diffusers").mkdir(parents=True, exist_ok=True)
+    (root / "site" / "diffusers" / "__init__.py").write_text(FAKE_DIFFUSERS)
+    (root / f"vae-{seed}").mkdir()
+    (root / f"vae-{seed}" / "config.json").write_text(json.dumps({"seed": seed}))
+    return str(root / "site"), str(root / f"vae-{seed}")
+
+
+@pytest.fixture
+def with_fake_vae(tmp_path, monkeypatch):
+    """This process imports the stand-in as diffusers; -> its weights folder."""
+    site, vae = fake_vae(tmp_path)
+    monkeypatch.syspath_prepend(site)
+    monkeypatch.delitem(sys.modules, "diffusers", raising=False)
+    return vae
+
+
+def encode_flags(images, out, vae, *extra):
+    """sra.py --encode on a 16 px image folder, batches of 3."""
+    return ["--encode", str(out), "--data-dir", str(images), "--resolution", "16", "--vae", vae,
+            "--batch-size", "3", "--num-workers", "0", *extra]
+
+
+def folder_bytes(root):
+    """{relative path: bytes} of every file below root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_encode_writes_the_latent_layout_that_trains(tmp_path, with_fake_vae):
+    """--encode: vae-sd/ with one float32 (8, R/8, R/8) .npy per image, the posterior's mean and
+    std of the ADM-cropped image in [-1, 1], dataset.json [[path, class]] in ImageFolder's order;
+    LatentDataset reads it and a SiT trains on it."""
+    images = make_image_folder(tmp_path / "img")
+    sra.encode_latents(sra.parse_args(encode_flags(images, tmp_path / "enc", with_fake_vae)))
+    root = tmp_path / "enc" / "vae-sd"
+    labels = json.loads((root / "dataset.json").read_text())["labels"]
+    assert labels == [[f"{c}/{i}.png.npy", k] for k, c in enumerate(["cat", "dog"]) for i in range(4)]
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(with_fake_vae)
+    posterior = vae.encode(sra.load_image(images / "dog" / "2.png", 16)[None]).latent_dist
+    moments = np.load(root / "dog" / "2.png.npy")
+    assert moments.dtype == np.float32 and moments.shape == (8, 2, 2)
+    assert np.array_equal(moments, torch.cat([posterior.mean, posterior.std], 1)[0].detach().numpy())
+    run_dir = run_main(tmp_path, "--data-dir", str(tmp_path / "enc"), "--resolution", "16",
+                       "--max-train-steps", "2", base=LATENT_FLAGS[:2] + LATENT_FLAGS[4:])
+    assert "on latents 4x2x2, 1 tokens" in read(run_dir / "log.txt")
+    assert_finished(run_dir, 2)
+    # sample.py decodes with the same VAE folder (--vae takes one there too): 16 px images
+    flags = ["--ckpt", ckpt_path(run_dir, 2), "--grid", "--num-steps", "2", "--vae", with_fake_vae]
+    assert sample.cli([*flags, "--sample-dir", str(tmp_path / "samples")]) == 0
+    from PIL import Image
+    (grid,) = glob.glob(str(tmp_path / "samples" / "*-grid.png"))
+    assert Image.open(grid).size == (2 * 16, 8 * 16)  # 2 classes (cat, dog) x 8 rows
+
+
+def test_encode_two_processes_equal_one_and_a_killed_encode_resumes(tmp_path):
+    """torchrun with 2 processes writes the same bytes as 1 process; an encode killed mid-way then
+    rerun rewrites no finished file and ends with the same bytes; a third run finds all done."""
+    site, vae = fake_vae(tmp_path)
+    images = make_image_folder(tmp_path / "img", per_class=5)
+    env = dict(ENV, PYTHONPATH=f"{HERE}:{site}")
+    one = subprocess.run([sys.executable, SRA, *encode_flags(images, tmp_path / "one", vae)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and f"--data-dir {tmp_path / 'one'}" in one.stdout, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", SRA, *encode_flags(images, tmp_path / "two", vae)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    reference = folder_bytes(tmp_path / "one")
+    assert len(reference) == 12 and folder_bytes(tmp_path / "two") == reference  # 10, json, marker
+
+    cmd = [sys.executable, SRA, *encode_flags(images, tmp_path / "run", vae)]
+    out = tmp_path / "run" / "vae-sd"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(env, FAKE_VAE_DELAY="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(list(out.rglob("*.npy"))) >= 3, "a first batch", proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        stop(proc)
+    done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.npy")}
+    assert 3 <= len(done) < 10 and not (out / "dataset.json").exists()
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done} == done  # not rewritten
+    assert folder_bytes(tmp_path / "run") == reference
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "10/10" in again.stderr and folder_bytes(tmp_path / "run") == reference
+
+
+def unreadable_image(root):
+    """An image folder with a file that is not an image."""
+    images = make_image_folder(root / "img")
+    (images / "cat" / "9.png").write_bytes(b"not a png")
+    return images, [str(images / "cat" / "9.png"), "cannot read image"]
+
+
+def other_encoding(root, resolution):
+    """A folder already encoded at another resolution, or with another VAE folder."""
+    images = make_image_folder(root / "img")
+    _, vae = fake_vae(root / "other") if resolution == 16 else (None, str(root / "vae-0"))
+    sra.encode_latents(sra.parse_args(encode_flags(images, root / "enc", vae, "--resolution",
+                                                   str(resolution))))
+    return images, [str(root / "enc" / "vae-sd"), "holds another encoding", "choose another"]
+
+
+def official_layout(root):
+    """vae-sd/ made by another tool (no record of how): never mixed with."""
+    images = make_image_folder(root / "img")
+    make_latent_folder(root / "enc")
+    return images, [str(root / "enc" / "vae-sd"), "holds another encoding"]
+
+
+ENCODE_BAD_INPUT = {  # (the temporary folder, the VAE folder) -> image folder, what the error says
+    "no-class-folders": lambda root, vae: (no_class_folders(root)[0][1], ["class folder"]),
+    "unreadable-image": lambda root, vae: unreadable_image(root),
+    "resolution": lambda root, vae: (make_image_folder(root / "img"), ["--resolution 20 is not "
+                                                                        "divisible by 8"]),
+    "other-resolution": lambda root, vae: other_encoding(root, 24),
+    "other-vae": lambda root, vae: other_encoding(root, 16),
+    "official-layout": lambda root, vae: official_layout(root),
+    "vae-folder": lambda root, vae: (make_image_folder(root / "img"),
+                                     ["cannot load the SD-VAE", "nope", "save_pretrained"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENCODE_BAD_INPUT))
+def test_encode_bad_input_is_one_line(case, tmp_path, with_fake_vae):
+    """Each bad input of --encode is one UserError line that names the problem; no dataset.json."""
+    images, fragments = ENCODE_BAD_INPUT[case](tmp_path, with_fake_vae)
+    vae = str(tmp_path / "nope") if case == "vae-folder" else with_fake_vae
+    flags = encode_flags(images, tmp_path / "enc", vae)
+    if case == "resolution":
+        flags += ["--resolution", "20"]
+    with pytest.raises(sra.UserError) as error:
+        sra.encode_latents(sra.parse_args(flags))
+    one_line_naming(error.value, *fragments)
+    if case not in ("official-layout", "other-resolution", "other-vae"):
+        assert not (tmp_path / "enc" / "vae-sd" / "dataset.json").exists()
+
+
+def test_encode_without_diffusers_says_how_to_install_it(tmp_path, monkeypatch):
+    """No diffusers: one line, `pip install diffusers`, from both programs' shared loader."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    images = make_image_folder(tmp_path / "img")
+    with pytest.raises(sra.UserError, match=r"^the SD-VAE needs diffusers: pip install diffusers$"):
+        sra.encode_latents(sra.parse_args(encode_flags(images, tmp_path / "enc", "ema")))
+
+
+def test_encode_unreadable_image_exits_2_with_one_line(tmp_path):
+    """From the command line, with DataLoader workers: `error: cannot read image PATH...`, exit 2."""
+    site, vae = fake_vae(tmp_path)
+    images, _ = unreadable_image(tmp_path)
+    cmd = [sys.executable, SRA, *encode_flags(images, tmp_path / "enc", vae, "--num-workers", "2")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(ENV, PYTHONPATH=f"{HERE}:{site}"),
+                          capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith(f"error: cannot read image {images / 'cat' / '9.png'}")
+
+
+def test_pixel_runs_of_too_many_tokens_stop_with_the_ways_out(tmp_path):
+    """256 px pixels at patch 2 (16,384 tokens, 64x the paper's 256): one line naming the count and
+    both ways out, before anything is written; the start-up line states space and tokens."""
+    with pytest.raises(sra.UserError) as error:
+        run_main(tmp_path, "--model", "SiT-T/2", "--resolution", "256", "--max-train-steps", "1")
+    one_line_naming(error.value, "SiT-T/2 on pixels 3x256x256, 16384 tokens", "--encode DIR",
+                    "--resolution", "patch")
+    assert not (tmp_path / "run").exists()
+    args = sra.parse_args(TINY + ["--model", "SiT-T/2", "--resolution", "128"])
+    sra.build_dataset(args)  # 4096 tokens: allowed
+    assert args.input_space == "pixels 3x128x128, 4096 tokens"
+    run_dir = run_main(tmp_path, "--max-train-steps", "1")
+    assert "] SiT-T/8 (4.24M parameters) on pixels 3x16x16, 4 tokens, 1 process(es)" in read(
+        run_dir / "log.txt")
+
+
 def test_latents_at_a_resolution_not_divisible_by_8(latents, tmp_path):
     """Latents need --resolution divisible by the SD-VAE's 8; nothing is written."""
     with pytest.raises(sra.UserError, match="--resolution 36 is not divisible by 8"):
@@ -1120,6 +1333,90 @@ def test_command_line_error_is_one_line_exit_2():
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: unknown model 'SiT-Q/2'") and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+RUN_FLAGS = ["--learning-rate", "3e-4", "--ema-decay", "0.99", "--checkpoint-steps", "3",
+             "--loss-type", "cos"]
+
+
+def test_resume_takes_the_runs_settings_and_logs_what_the_command_line_changes(tmp_path, small):
+    """`--resume auto` with only --exp-name (and a longer run): the settings of the run, not the
+    defaults; --max-train-steps logged as changed; bit-identical to an uninterrupted run. args.json
+    holds the values used (learn_sigma False, the cos loss's lambda 0.5)."""
+    run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "6", exp="ref")
+    run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "3")
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert (saved["learn_sigma"], saved["align_weight"], saved["model"]) == (False, 0.5, "SiT-T/8")
+    run_main(tmp_path, "--resume", "auto", "--max-train-steps", "6", base=[])  # no TINY flags
+    log = read(run_dir / "log.txt")
+    assert (f"resumed from {ckpt_path(run_dir, 3)} at step 3, with the run's settings; "
+            f"--max-train-steps 6 (was 3)") in log
+    assert_same_training_state(ckpt_path(run_dir, 6), ckpt_path(tmp_path / "ref", 6))
+    assert json.loads((run_dir / "args.json").read_text())["changes"] == [
+        "--max-train-steps 6 (was 3)"]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--model", "SiT-T/4"], "--model cannot change in a resumed run (it was SiT-T/8)"),
+    (["--loss-type", "sml1"], "--loss-type cannot change in a resumed run (it was cos)"),
+    (["--resolution", "32"], "--resolution cannot change in a resumed run (it was 16)"),
+    (["--no-sra"], "--no-sra cannot change in a resumed run (it was False)")])
+def test_resume_refuses_a_setting_that_cannot_change_mid_run(flags, named, tmp_path, small):
+    """The model, the data's shape, the objective...: one line naming the flag, nothing written."""
+    run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "3")
+    before = folder_bytes(run_dir)
+    with pytest.raises(sra.UserError) as error:
+        run_main(tmp_path, "--resume", "auto", *flags, base=[])
+    one_line_naming(error.value, named, "--exp-name")
+    assert folder_bytes(run_dir) == before
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys_and_shapes(tmp_path, small):
+    """An edited checkpoint (a key gone, a shape changed): one line naming both, not a line that
+    ends at PyTorch's colon."""
+    run_dir = run_main(tmp_path, "--max-train-steps", "1")
+    ckpt = load(ckpt_path(run_dir, 1))
+    del ckpt["model"]["blocks.0.attn.qkv.bias"]
+    ckpt["model"]["pos_embed"] = torch.zeros(1, 9, 32)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(sra.UserError) as error:
+        run_main(tmp_path, "--resume", str(tmp_path / "edited.pt"), exp="other")
+    line = one_line_naming(error.value, "does not fit SiT-T/8", "blocks.0.attn.qkv.bias",
+                           "pos_embed", "torch.Size([1, 9, 32])")
+    assert not line.endswith(":")
+
+
+def test_failed_cifar10_download_leaves_no_folder(tmp_path, monkeypatch):
+    """Offline, CIFAR-10 into a new folder: one line, and neither that folder nor its new parent
+    is left behind (torchvision makes the folder, then fails to connect)."""
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(sra.UserError, match="CIFAR-10 is not in"):
+        run_main(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data" / "cifar"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_help_groups_and_defaults(capsys, monkeypatch):
+    """sample.py --help: groups like sra.py's; each default once; no "(default: None)" or
+    "(default: False)"."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert re.findall(r"^(\S[^\n]*):$", text, flags=re.M) == ["options", "checkpoint", "sampler",
+                                                               "output"]
+    assert "(default: None)" not in text and "(default: False)" not in text
+    entries = re.split(r"\n(?=  -)", text.split("\noptions:\n", 1)[1])
+    for entry in entries:
+        assert entry.lower().count("default") <= 1, entry
+    entry = {e.split()[0]: " ".join(e.split()) for e in entries}
+    assert entry["--num-steps"].endswith("(default: 250; 50 with --grid)")
+    assert entry["--cfg-scale"].endswith("(default: 1.0)")
 
 
 def test_help_groups_and_defaults(capsys, monkeypatch):

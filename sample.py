@@ -155,6 +155,8 @@ def sample_ddpm(eps_model, x, num_steps, generator=None):
     for i in reversed(range(diffusion.num_timesteps)):
         # the network was trained on the 1000-step indices, so it is fed the original index
         out = eps_model(x, int(diffusion.timestep_map[i]))  # (N, C or 2C, H, W)
+        if out.shape[1] == x.shape[1]:  # no learned variance: DDPM's "fixed large" beta_t, i.e.
+            out = torch.cat([out, torch.ones_like(out)], dim=1)  # the learned range's top end
         t = torch.full((len(x),), i, device=x.device)  # (N,) index into the respaced tables
         mean, log_var, _ = diffusion.p_mean_variance(out, x, t)
         x = mean + torch.exp(0.5 * log_var) * randn_like(x, generator) if i > 0 else mean

@@ -14,7 +14,9 @@ Run recipes
     # one GPU, CIFAR-10 in pixel space
     python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128 \
         --max-train-steps 400000
-    # 8 GPUs, ImageNet 256 as SD-VAE latents (--batch-size is per process: 32 x 8 = 256)
+    # 8 GPUs, ImageNet 256 as SD-VAE latents (--batch-size is per process: 32 x 8 = 256): encode
+    # the JPEGs once (resumable), then train on the latents
+    torchrun --nproc_per_node=8 sra.py --encode data/imagenet256 --data-dir data/imagenet/train
     torchrun --nproc_per_node=8 sra.py --model SiT-XL/2 --data-dir data/imagenet256
     # two nodes (run this on both, R = 0 and 1): half the batch per process keeps 256
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
@@ -35,7 +37,6 @@ Notable choices
 """
 import argparse
 import contextlib
-import difflib
 import glob
 import itertools
 import json
@@ -360,10 +361,6 @@ class GaussianDiffusion:
         ac = torch.cumprod(1 - betas, dim=0)  # abar_t, the fraction of signal left at step t
         ac_prev = torch.cat([torch.ones_like(ac[:1]), ac[:-1]])  # abar_{t-1}
         self.alphas_cumprod = ac
-        self.sqrt_alphas_cumprod = ac.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1 - ac).sqrt()
-        self.sqrt_recip_alphas_cumprod = (1 / ac).sqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1 / ac - 1).sqrt()
         # q(x_{t-1} | x_t, x_0): its variance (beta tilde) and the two coefficients of its mean.
         # The variance at t = 0 is 0, whose log is -inf: DiT takes the one at t = 1 instead.
         self.posterior_variance = betas * (1 - ac_prev) / (1 - ac)
@@ -371,9 +368,6 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = torch.log(torch.cat([variance[1:2], variance[1:]]))
         self.posterior_mean_coef1 = betas * ac_prev.sqrt() / (1 - ac)
         self.posterior_mean_coef2 = (1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)
-        self.log_betas = betas.log()
-        # a model without a learned variance samples with DDPM's "fixed large" one
-        self.fixed_large_log_variance = torch.log(torch.cat([variance[1:2], betas[1:]]))
 
     @classmethod
     def linear(cls, num_timesteps=1000, device="cpu"):
@@ -389,8 +383,8 @@ class GaussianDiffusion:
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with the given noise."""
-        return (self._at(self.sqrt_alphas_cumprod, t, x0) * x0
-                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        ac = self.alphas_cumprod  # (float64 square roots, taken before the cast to x's dtype)
+        return self._at(ac.sqrt(), t, x0) * x0 + self._at((1 - ac).sqrt(), t, x0) * noise
 
     def q_posterior(self, x0, xt, t):
         """Mean and log-variance of the true posterior q(x_{t-1} | x_t, x_0)."""
@@ -401,18 +395,16 @@ class GaussianDiffusion:
     def p_mean_variance(self, model_output, xt, t):
         """The model's p(x_{t-1} | x_t) -> mean, log-variance and the predicted x_0.
 
-        The first C output channels are eps; with 2C, the other C interpolate the log-variance
-        between log beta_t and log beta tilde_t ("learned range").
+        The model's 2C output channels are eps, then a value in [-1, 1] that interpolates the
+        log-variance between log beta_t and log beta tilde_t ("learned range").
         """
         C = xt.shape[1]
-        if model_output.shape[1] == 2 * C:
-            frac = (model_output[:, C:] + 1) / 2  # in [0, 1]
-            log_var = (frac * self._at(self.log_betas, t, xt)
-                       + (1 - frac) * self._at(self.posterior_log_variance_clipped, t, xt))
-        else:
-            log_var = self._at(self.fixed_large_log_variance, t, xt).expand_as(xt)
-        x0 = (self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt
-              - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * model_output[:, :C])
+        frac = (model_output[:, C:] + 1) / 2  # in [0, 1]
+        log_var = (frac * self._at(self.betas.log(), t, xt)
+                   + (1 - frac) * self._at(self.posterior_log_variance_clipped, t, xt))
+        ac = self.alphas_cumprod  # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        x0 = self._at((1 / ac).sqrt(), t, xt) * xt - self._at((1 / ac - 1).sqrt(), t, xt) * (
+            model_output[:, :C])
         return self.q_posterior(x0, xt, t)[0], log_var, x0
 
     def training_losses(self, model_output, x0, xt, t, noise):
@@ -620,8 +612,6 @@ def build_dataset(args):
     if kind is None:  # inferred: no folder -> built-in; a folder with vae-sd/ -> latents
         has_latents = os.path.isdir(os.path.join(args.data_dir or "", "vae-sd"))
         kind = "builtin" if args.data_dir is None else "latents" if has_latents else "folder"
-    if kind in ("latents", "folder") and not os.path.isdir(args.data_dir or ""):
-        raise UserError(f"data folder {args.data_dir} does not exist")
     R = args.resolution or (256 if kind in ("latents", "folder") else 32)
     if R % 8 and (kind == "latents" or args.encode):
         raise UserError(f"--resolution {R} is not divisible by 8 (the SD-VAE's downsampling)")
@@ -638,7 +628,7 @@ def build_dataset(args):
         made = [d for d in (args.data_dir, os.path.dirname(args.data_dir)) if not os.path.isdir(d)]
         try:
             dataset = datasets.CIFAR10(args.data_dir, download=True, transform=to_tensor)
-        except Exception as e:  # offline, and not there: leave no empty folder behind
+        except Exception as e:  # offline, and not there: leave no folder behind that it made
             for folder in made:
                 shutil.rmtree(folder, ignore_errors=True)
             raise UserError(f"CIFAR-10 is not in {args.data_dir} and cannot be downloaded ({e})")
@@ -665,9 +655,8 @@ def build_dataset(args):
     space = "latents" if channels == 4 else "pixels"
     args.input_space = f"{space} {channels}x{size}x{size}, {tokens} tokens"
     if tokens > 4096 and not args.encode:
-        raise UserError(f"{args.model} on {args.input_space} per image, far more than the paper's "
-                        f"256: encode the images (python sra.py --encode DIR --data-dir "
-                        f"{args.data_dir}), then train on DIR; or lower --resolution or patch more")
+        raise UserError(f"{args.model} on {args.input_space} per image (the paper: 256): encode "
+                        f"them (sra.py --encode DIR), or lower --resolution, or a bigger patch")
     return dataset
 
 
@@ -768,8 +757,7 @@ def encode_latents(args):
         labels = [[str(f.relative_to(out)), label] for f, (_, label) in zip(files, dataset.samples)]
         Path(f"{out}/dataset.json.tmp").write_text(json.dumps({"labels": labels}))
         os.replace(f"{out}/dataset.json.tmp", out / "dataset.json")  # atomic, as every file
-        print(f"wrote {N} latents of {len(dataset.classes)} classes and {out}/dataset.json: "
-              f"train on them with --data-dir {args.encode}", flush=True)
+        print(f"wrote {N} latents and {out}/dataset.json: train with --data-dir {args.encode}")
     if ddp:
         dist.destroy_process_group()
 
@@ -826,9 +814,8 @@ def atomic_write(path, write, what="file"):
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(f"{path}.tmp")
-        while not isinstance(e, OSError) and e.__context__:  # torch.save wraps it in a RuntimeError
-            e = e.__context__
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
+        cause = e if isinstance(e, OSError) else e.__context__  # torch.save wraps the OSError
+        reason = getattr(cause, "strerror", None) or error_line(e)
         raise UserError(f"cannot write {what} {path}: {reason}") from None
 
 
@@ -839,11 +826,9 @@ def load_checkpoint(path):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a loadable checkpoint ({error_line(e)[:200]})") from None
-    if isinstance(ckpt, dict) and "steps" in ckpt and "ema" in ckpt:
-        raise UserError(f"{path} is a checkpoint of the official SRA/REPA trainer, which sra.py "
-                        f"does not resume; sample from it with: python sample.py --ckpt {path}")
     if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= ckpt.keys():
-        raise UserError(f"{path} is not a training checkpoint of sra.py")
+        raise UserError(f"{path} is not a training checkpoint of sra.py (of the official SRA/REPA "
+                        f"trainer? sample.py reads those: python sample.py --ckpt {path})")
     return ckpt
 
 
@@ -869,9 +854,12 @@ def list_checkpoints(run_dir):
     return sorted((p for p in paths if os.path.basename(p)[:-3].isdigit()), reverse=True)
 
 
-def find_resume_checkpoint(run_dir, log):
-    """--resume auto -> (path, checkpoint) of the newest checkpoint that loads, or (None, None).
-    Unreadable ones (a crash, a full disk) are reported and skipped."""
+def find_resume_checkpoint(resume, run_dir, log):
+    """--resume -> (path, checkpoint): PATH's; for `auto`, the newest checkpoint of run_dir that
+    loads (unreadable ones, from a crash or a full disk, are reported and skipped), or (None,
+    None), as without --resume."""
+    if resume != "auto":
+        return resume, resume and load_checkpoint(resume)
     for path in list_checkpoints(run_dir):
         try:
             return path, load_checkpoint(path)
@@ -965,11 +953,7 @@ def main(args):
     if run_dir and list_checkpoints(run_dir) and not args.resume:
         raise UserError(f"{run_dir} has a run: continue with --resume auto, or another --exp-name")
     logger = Logger(run_dir, quiet=rank != 0 or args.bench)
-    resume_path, ckpt = args.resume, None
-    if args.resume == "auto":
-        resume_path, ckpt = find_resume_checkpoint(run_dir, logger.info)
-    elif args.resume:
-        ckpt = load_checkpoint(args.resume)
+    resume_path, ckpt = find_resume_checkpoint(args.resume, run_dir, logger.info)
     dataset = build_dataset(args)
     model, ema, opt, scaler = build(args, device)
     raw_model = model  # the plain module, for state dicts and the EMA, whatever wraps `model`
@@ -1006,8 +990,7 @@ def main(args):
     total_steps = min(args.max_train_steps, args.epochs * (len(loader) // accum))
     if run_dir and rank == 0:  # every input check has passed: now the run folder is made
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        Path(run_dir, "args.json").write_text(json.dumps(vars(args), indent=2))
     if ckpt is not None:
         logger.info(f"resumed from {resume_path} at step {step}, with the run's settings"
                     + "".join(f"; {change}" for change in args.changes))
@@ -1027,7 +1010,6 @@ def main(args):
             ema.forward_features = torch.compile(ema.forward_features)  # the teacher's forward
         except Exception as e:
             logger.info(f"torch.compile failed ({error_line(e)}): training without it")
-    model.train()
     ema_params = list(ema.parameters())
     model_params = [raw_model.get_parameter(name) for name, _ in ema.named_parameters()]
     flops_per_image = train_flops(raw_model, args)
@@ -1066,8 +1048,9 @@ def main(args):
             except (RuntimeError, OSError, EOFError) as e:  # (OSError: it died mid-batch)
                 time.sleep(1)  # a SIGTERM to this process, or the worker's end, may lag behind
                 if not STOP_REQUESTED.is_set():  # (its SIGTERM reached us too: stop, below)
-                    # name the dead worker if PyTorch did not (a look, without reaping it)
-                    dead = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                    # name the dead worker if PyTorch did not: a look, without reaping it (Linux)
+                    waitid = getattr(os, "waitid", None)
+                    dead = waitid and waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
                     cause = f"DataLoader worker (pid {dead.si_pid}) died" if dead else error_line(e)
                     raise UserError(f"the data loader failed after step {step} ({cause}); last "
                                     f"good checkpoint: {last_ckpt}") from None
@@ -1179,9 +1162,9 @@ def main(args):
     return dict(model=args.model, sra=not args.no_sra, batch=args.batch_size,
                 shape=args.bench_shape, dtype=args.mixed_precision.replace("no", "fp32"),
                 device=device_name, world_size=world_size, compile=args.compile,
-                step_s_median=seconds, grad_checkpointing=args.grad_checkpointing,
-                peak_mem_gb=peak_mem, img_per_s=batch / seconds, tflops=tflops,
-                flops_per_img=flops_per_image, mfu=tflops / world_size / peak if peak else None)
+                grad_checkpointing=args.grad_checkpointing, step_s_median=seconds,
+                img_per_s=batch / seconds, peak_mem_gb=peak_mem, flops_per_img=flops_per_image,
+                tflops=tflops, mfu=tflops / world_size / peak if peak else None)
 
 
 BENCH_WARMUP = 2  # untimed steps first: the first step allocates (and compiles, with --compile)
@@ -1282,16 +1265,14 @@ def parse_args(argv=None):
     saved = saved_settings(args) if args.resume and not args.bench else {}
     args = parser.parse_args(argv, argparse.Namespace(**saved)) if saved else args
     changed = [key for key, old in saved.items() if getattr(args, key) != old and key != "resume"]
-    for key in changed:
-        if key in FIXED_SETTINGS:
-            raise UserError(f"--{key.replace('_', '-')} cannot change in a resumed run (it was "
-                            f"{saved[key]}): drop it, or start a new run with another --exp-name")
+    for key in set(changed) & FIXED_SETTINGS:
+        raise UserError(f"--{key.replace('_', '-')} cannot change in a resumed run (it was "
+                        f"{saved[key]}): drop it, or start a new run with another --exp-name")
     args.changes = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in changed]
 
     if args.model not in MODELS:
-        close = difflib.get_close_matches(args.model, MODELS, n=1, cutoff=0)[0]
-        raise UserError(f"unknown model {args.model!r} (did you mean {close}?): models are "
-                        f"SiT|DiT-{{T,S,B,L,XL}}/{{2,4,8}}")
+        raise UserError(f"unknown model {args.model!r}: models are SiT|DiT-{{T,S,B,L,XL}}/{{2,4,8}}"
+                        f", e.g. SiT-XL/2")
     args.family, size = args.model.split("/")[0].split("-")
     args.learn_sigma = args.family == "DiT" if args.learn_sigma is None else args.learn_sigma
     depth = SIZES[size][0]
@@ -1301,9 +1282,8 @@ def parse_args(argv=None):
     for flag, block in (("--block-out-s", args.block_out_s), ("--block-out-t", args.block_out_t)):
         if not 1 <= block <= depth:
             raise UserError(f"{flag} {block} is out of range: {args.model} has blocks 1..{depth}")
-    if args.align_weight is None:
-        args.align_weight = {"cos": 0.5, "sml1": 0.2 if args.family == "SiT" else 0.04}[
-            args.loss_type]
+    weight = {"cos": 0.5, "sml1": 0.2 if args.family == "SiT" else 0.04}[args.loss_type]
+    args.align_weight = weight if args.align_weight is None else args.align_weight
     if args.align_decay_steps is None:  # the official code decays lambda for sml1 only
         args.align_decay_steps = 1000 * 5004 if args.loss_type == "sml1" else 0
     # auto: bf16 where the GPU has it natively (Ampere on; False: not emulated), else fp32

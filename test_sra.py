@@ -333,7 +333,7 @@ def test_ddpm_tables_against_closed_forms():
     assert sra.GaussianDiffusion.linear(250).betas[-1].item() == pytest.approx(0.08)
     on_meta = sra.GaussianDiffusion.linear(device="meta")
     tables = [v for v in vars(on_meta).values() if isinstance(v, torch.Tensor)]
-    assert len(tables) >= 10 and all(v.device.type == "meta" for v in tables)
+    assert len(tables) >= 6 and all(v.device.type == "meta" for v in tables)
 
 
 def test_ddpm_vb_term_is_nonnegative_and_trains_only_the_variance():
@@ -1045,9 +1045,12 @@ def empty_class_folder(root):
 
 
 BAD_INPUT = {  # flags (or a function of the temporary folder -> flags), what the error says
-    "model": (["--model", "SiT-XL2"], ["unknown model 'SiT-XL2'", "did you mean SiT-XL/2"]),
+    "model": (["--model", "SiT-XL2"], ["unknown model 'SiT-XL2'", "SiT|DiT-{T,S,B,L,XL}/{2,4,8}",
+                                       "SiT-XL/2"]),
     "data-dir": (["--data-dir", "/nonexistent/imagenet"],
-                 ["data folder /nonexistent/imagenet does not exist"]),
+                 ["image folder /nonexistent/imagenet", "No such file or directory"]),
+    "latent-dir": (["--data-dir", "/nonexistent/imagenet", "--dataset", "latents"],
+                   ["/nonexistent/imagenet/vae-sd/dataset.json", "No such file or directory"]),
     "block-out-t": (["--block-out-t", "7"],
                     ["--block-out-t 7 is out of range: SiT-T/8 has blocks 1..6"]),
     "block-out-s": (["--block-out-s", "0"],
@@ -1061,7 +1064,7 @@ BAD_INPUT = {  # flags (or a function of the temporary folder -> flags), what th
     "cifar10": (["--dataset", "cifar10", "--data-dir", "{tmp}/nocifar"],
                 ["CIFAR-10 is not in", "nocifar", "name resolution"]),
     "official-ckpt": (["--resume", "{tmp}/official.pt"],
-                      ["official SRA/REPA trainer", "sample.py --ckpt", "official.pt"]),
+                      ["official SRA/REPA", "sample.py --ckpt", "official.pt"]),
 }
 
 
@@ -1519,11 +1522,15 @@ def wait_for(condition, what, timeout=120, proc=None):
         time.sleep(0.02)
 
 
-def stop(proc):
-    """Kill a process this test started (by its pid) if it is still running, and reap it."""
+def stop(proc, *pids):
+    """Kill a process this test started (by its pid) if it is still running, and reap it; and
+    SIGKILL any of `pids` (its children, say) still alive."""
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def ckpt_path(run_dir, step):
@@ -1727,12 +1734,9 @@ def test_sigterm_to_every_pid_of_the_job_checkpoints_and_resumes_bit_identical(
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
         proc.wait(timeout=60)
-        wait_for(lambda: not any(alive(pid) for pid in pids), "every process to exit", timeout=10)
+        wait_for(lambda: not any(map(alive, pids)), "every process to exit", timeout=10)
     finally:
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        stop(proc)
+        stop(proc, *pids)
     assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
     step = steps_saved(run_dir)[-1]
     assert step < STEPS and sra.load_checkpoint(ckpt_path(run_dir, step))["step"] == step
@@ -1825,12 +1829,9 @@ def test_torchrun_checkpoint_that_cannot_be_written_ends_every_rank(tmp_path):
         wait_for(lambda: "step 2/" in read(tmp_path / "run" / "log.txt"), "step 2", proc=proc)
         pids = job_pids(proc.pid)
         proc.wait(timeout=30)
-        wait_for(lambda: not any(alive(pid) for pid in pids), "every process to exit", timeout=10)
+        wait_for(lambda: not any(map(alive, pids)), "every process to exit", timeout=10)
     finally:
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        stop(proc)
+        stop(proc, *pids)
     path = ckpt_path(tmp_path / "run", 3)
     assert proc.returncode != 0
     assert (f"error: cannot write checkpoint {path}: File too large; last good checkpoint: none yet"
@@ -1860,13 +1861,10 @@ def test_sigterm_to_ddp_ranks_stops_every_rank_within_a_step_and_resumes_bit_ide
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
         proc.wait(timeout=60)
-        wait_for(lambda: not any(alive(pid) for pid in pids), "every process to exit", timeout=10)
+        wait_for(lambda: not any(map(alive, pids)), "every process to exit", timeout=10)
         ref.wait(timeout=120)
     finally:
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        stop(proc)
+        stop(proc, *pids)
         stop(ref)
     assert (proc.returncode == 0) == (who == "rank 1"), read(tmp_path / "run.out")[-3000:]
     assert ref.returncode == 0, read(tmp_path / "ref.out")[-3000:]
@@ -1981,7 +1979,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     assert os.path.exists(path + ".tmp"), "the simulated crash did not leave a half-written file"
     assert sra.list_checkpoints(tmp_path) == [path]
     messages = []
-    assert sra.find_resume_checkpoint(tmp_path, messages.append)[0] == path
+    assert sra.find_resume_checkpoint("auto", tmp_path, messages.append)[0] == path
     assert messages == []
 
 
@@ -2006,7 +2004,7 @@ def test_resume_auto_falls_back_past_corrupt_checkpoints_and_ignores_tmp(tmp_pat
     assert_same_training_state(ckpt_path(run_dir, 6), ckpt_path(reference.dir, 6))
     assert steps_saved(run_dir) == [6, 8]
     messages = []  # the next --resume auto finds the new checkpoint, past the unreadable 0000008.pt
-    assert sra.find_resume_checkpoint(run_dir, messages.append)[0] == ckpt_path(run_dir, 6)
+    assert sra.find_resume_checkpoint("auto", run_dir, messages.append)[0] == ckpt_path(run_dir, 6)
     assert len(messages) == 1 and ckpt_path(run_dir, 8) in messages[0]
 
 
@@ -2247,10 +2245,7 @@ def test_torchrun_worker_death_ends_the_run(tmp_path):
         assert time.monotonic() - start_time < 25
         wait_for(lambda: not any(alive(w) for w in workers), "the surviving worker to exit", timeout=10)
     finally:
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        stop(proc)
+        stop(proc, *workers)
     assert proc.returncode != 0
 
 

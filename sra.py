@@ -8,7 +8,7 @@ same image. No external encoder (DINOv2, CLIP, MAE) is needed.
 
 Run recipes
     # a CPU and a few minutes: the built-in procedural data, nothing to download; then pictures
-    python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 3e-4 --ema-decay 0.995 \
+    python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 2e-3 --ema-decay 0.99 \
         --max-train-steps 2000 --checkpoint-steps 500 --exp-name demo
     python sample.py --ckpt exps/demo/checkpoints/0002000.pt --grid
     # one GPU, CIFAR-10 in pixel space
@@ -526,14 +526,16 @@ class ShapesDataset(torch.utils.data.Dataset):
         label = index % 10
         R = self.resolution
         yy, xx = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in (0, 1), each (R, R)
-        dx = abs(xx - 0.5 - rng.uniform(-0.12, 0.12))  # distances to a jittered centre
-        dy = abs(yy - 0.5 - rng.uniform(-0.12, 0.12))
+        # centres jitter by 0.04 and outlines are 0.5 s thick (were 0.12 and 0.4 s): the README's
+        # 2,000-step CPU demo then draws every class's shape, where thin rings broke up into blocks
+        dx = abs(xx - 0.5 - rng.uniform(-0.04, 0.04))  # distances to a jittered centre
+        dy = abs(yy - 0.5 - rng.uniform(-0.04, 0.04))
         # each shape is where a distance from the centre is below the size s
         distance = [np.hypot(dx, dy), np.maximum(dx, dy), dx + dy,
                     np.minimum(np.maximum(dx, 3 * dy), np.maximum(3 * dx, dy)),
                     np.maximum(1.7 * dx, dy)][label % 5]
-        s = rng.uniform(0.22, 0.32)
-        inside = (distance < s) & (distance > (0.6 * s if label >= 5 else -1))  # 5-9: outlines
+        s = rng.uniform(0.24, 0.32)
+        inside = (distance < s) & (distance > (0.5 * s if label >= 5 else -1))  # 5-9: outlines
         hue = label / 10 + rng.uniform(-0.02, 0.02)
         color = 0.5 + 0.5 * np.cos(2 * np.pi * (hue + np.array([0, 1 / 3, 2 / 3])))  # (3,) RGB
         shade = rng.uniform(0.1, 0.3) + 0.1 * (xx - 0.5)  # (R, R) background
@@ -647,8 +649,7 @@ def build_dataset(args):
     if (args.num_classes or found) < found:
         raise UserError(f"--num-classes {args.num_classes} is below the data's {found} classes")
     args.num_classes = args.num_classes or found
-    args.dataset = kind
-    args.resolution = R
+    args.dataset, args.resolution = kind, R  # as inferred
     # The paper trains on 256 tokens (the 4x32x32 SD-VAE latents of a 256 px image, patch 2);
     # 256 px pixels at patch 2 would be 16,384 tokens: some 200x the FLOPs of a step
     size, tokens = args.input_size, (args.input_size // int(args.model.split("/")[1])) ** 2
@@ -801,10 +802,10 @@ class Logger:
         self.write("log.txt", line)
 
 
-def atomic_write(path, write, what="file"):
+def atomic_write(path, write, what="file", note=""):
     """write(f) into path.tmp, fsync, rename: a crash leaves the old file or the new one, never
     half of one. A write that fails (a full disk, an I/O error, no permission) removes its .tmp
-    and is one line naming the file and the reason."""
+    and is one line naming the file and the reason (and ending with `note`)."""
     try:
         with open(f"{path}.tmp", "wb") as f:
             write(f)
@@ -816,7 +817,7 @@ def atomic_write(path, write, what="file"):
             os.remove(f"{path}.tmp")
         cause = e if isinstance(e, OSError) else e.__context__  # torch.save wraps the OSError
         reason = getattr(cause, "strerror", None) or error_line(e)
-        raise UserError(f"cannot write {what} {path}: {reason}") from None
+        raise UserError(f"cannot write {what} {path}: {reason}{note}") from None
 
 
 def load_checkpoint(path):
@@ -889,8 +890,7 @@ def forward_flops(model, depth=None):
     layer. 2 FLOPs per multiply-add (DiT's "118.6 GFLOPs" counts multiply-adds). Per block: the
     qkv, proj and MLP matmuls 24 T D^2, attention 4 T^2 D, adaLN 12 D^2; patch embedding
     2 T p^2 C D; final layer 2 T D p^2 C_out + 4 D^2."""
-    T = (model.input_size // model.patch_size) ** 2
-    D = model.hidden_size
+    T, D = (model.input_size // model.patch_size) ** 2, model.hidden_size  # tokens, width
     flops = (depth or len(model.blocks)) * (24 * T * D * D + 4 * T * T * D + 12 * D * D)
     flops += 2 * T * model.patch_size ** 2 * model.in_channels * D  # the patch embedding
     if depth is None:  # the final layer
@@ -1087,13 +1087,11 @@ def main(args):
                         f"denoise {denoise:.4f} | align {align:.4f} (cos {cos:.3f}) | "
                         f"grad {grad:.3f} | {images_per_s:.1f} img/s{mfu_text} | "
                         f"ETA {(total_steps - step) * elapsed / n / 60:.1f} min")
-            bar.set_postfix_str(f"loss {denoise + weight * align:.4f} align {align:.4f}")
             logger.write("metrics.jsonl", json.dumps(dict(step=step, epoch=epoch, gen_loss=denoise,
                 align_loss=align, align_cos=cos, align_weight=weight, grad_norm=grad, mfu=mfu,
                 lr=opt.param_groups[0]["lr"], img_per_s=images_per_s, skipped_steps=skipped_steps)))
             sums.zero_()
-            timer = time.perf_counter()
-            logged_step = step
+            timer, logged_step = time.perf_counter(), step  # the next interval starts
         # 5. Checkpoint: rank 0 writes the parts, the step and every rank's random stream,
         #    atomically; only then are old checkpoints pruned. A write that fails (a full disk)
         #    ends the run; under torchrun the other ranks go with it (torchrun stops them).
@@ -1105,10 +1103,8 @@ def main(args):
             if rank == 0:
                 state = {key: part.state_dict() for key, part in parts.items()}
                 state.update(args=vars(args), step=step, epoch=epoch, rng=rng)
-                try:
-                    atomic_write(path, partial(torch.save, state), "checkpoint")
-                except UserError as e:
-                    raise UserError(f"{e}; last good checkpoint: {last_ckpt}") from None
+                atomic_write(path, partial(torch.save, state), "checkpoint",
+                             note=f"; last good checkpoint: {last_ckpt}")
             last_ckpt, saved_step = path, step
             if args.keep_last and rank == 0:
                 prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
@@ -1290,11 +1286,9 @@ def parse_args(argv=None):
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if torch.cuda.is_bf16_supported(False) else "no"
     if args.bench:  # synthetic data; log every step, so that the loop's own clock times each step
-        args.dataset = "synthetic"
-        args.num_classes = args.num_classes or 1000
         args.bench_steps = args.bench_steps or (20 if torch.cuda.is_available() else 3)
-        args.max_train_steps = BENCH_WARMUP + args.bench_steps
-        args.log_every = 1
+        vars(args).update(dataset="synthetic", num_classes=args.num_classes or 1000, log_every=1,
+                          max_train_steps=BENCH_WARMUP + args.bench_steps)
     for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -1313,8 +1307,7 @@ def error_line(e):
 if __name__ == "__main__":
     try:
         arguments = parse_args()
-        run = encode_latents if arguments.encode else bench if arguments.bench else main
-        run(arguments)
+        (encode_latents if arguments.encode else bench if arguments.bench else main)(arguments)
     except UserError as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         sys.exit(2)

@@ -1338,6 +1338,15 @@ def test_command_line_error_is_one_line_exit_2():
     assert proc.stdout == ""
 
 
+def test_grid_is_guided_as_the_papers_figures_and_the_npz_is_not():
+    """--grid defaults to CFG 4 (the paper's qualitative figures), the FID .npz to 1 (off); a given
+    --cfg-scale wins in both."""
+    assert sample.parse_args(["--ckpt", "c.pt", "--grid"]).cfg_scale == 4.0
+    assert sample.parse_args(["--ckpt", "c.pt"]).cfg_scale == 1.0
+    assert sample.parse_args(["--ckpt", "c.pt", "--grid", "--cfg-scale", "1"]).cfg_scale == 1.0
+    assert sample.parse_args(["--ckpt", "c.pt", "--cfg-scale", "1.8"]).cfg_scale == 1.8
+
+
 RUN_FLAGS = ["--learning-rate", "3e-4", "--ema-decay", "0.99", "--checkpoint-steps", "3",
              "--loss-type", "cos"]
 
@@ -1419,7 +1428,8 @@ def test_sample_help_groups_and_defaults(capsys, monkeypatch):
         assert entry.lower().count("default") <= 1, entry
     entry = {e.split()[0]: " ".join(e.split()) for e in entries}
     assert entry["--num-steps"].endswith("(default: 250; 50 with --grid)")
-    assert entry["--cfg-scale"].endswith("(default: 1.0)")
+    assert entry["--cfg-scale"].endswith("(default: 1 = off; 4 with --grid)")
+    assert entry["--per-proc-batch-size"].endswith("(default: 32)")
 
 
 def test_help_groups_and_defaults(capsys, monkeypatch):

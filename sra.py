@@ -784,8 +784,7 @@ class Logger:
     """Rank 0's output: lines on stdout (above tqdm's progress bar), log.txt and metrics.jsonl."""
 
     def __init__(self, run_dir, quiet):
-        self.run_dir = run_dir
-        self.quiet = quiet  # ranks other than 0, and the benchmark, say nothing
+        self.run_dir, self.quiet = run_dir, quiet  # (quiet: ranks but 0, and the benchmark)
 
     def write(self, name, line):
         """Append a line to a file of the run folder."""
@@ -846,7 +845,9 @@ def saved_settings(args):
     run_dir = Path(args.output_dir, args.exp_name) if args.resume == "auto" else (
         Path(args.resume).absolute().parent.parent)  # <run>/checkpoints/NNNNNNN.pt
     path = run_dir / "args.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    # the run goes on in its folder, wherever that is now (moved, or named from another folder)
+    return saved and {**saved, "output_dir": str(run_dir.parent), "exp_name": run_dir.name}
 
 
 def list_checkpoints(run_dir):
@@ -947,8 +948,8 @@ def main(args):
     ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
 
-    # ---- Resume (with the run's own settings: parse_args). Every input check passes before the
-    # run folder is made.
+    # ---- Resume from a checkpoint (parse_args took the run's settings from its args.json). Every
+    # input check passes before the run folder is made.
     run_dir = None if args.bench else os.path.abspath(os.path.join(args.output_dir, args.exp_name))
     if run_dir and list_checkpoints(run_dir) and not args.resume:
         raise UserError(f"{run_dir} has a run: continue with --resume auto, or another --exp-name")
@@ -1073,7 +1074,7 @@ def main(args):
             if not math.isfinite(denoise + align) or (nonfinite and not scaler.is_enabled()):
                 raise UserError(f"non-finite loss or gradient by step {step}; stopping. Last good "
                                 f"checkpoint: {last_ckpt} (resume from it, maybe with a lower lr)")
-        # 4. Log: one line (and the progress bar), one JSON record in metrics.jsonl
+        # 4. Log: one line, one JSON record in metrics.jsonl
         if log_now:
             n = step - logged_step
             elapsed = time.perf_counter() - timer

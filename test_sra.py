@@ -1368,6 +1368,20 @@ def test_resume_takes_the_runs_settings_and_logs_what_the_command_line_changes(t
         "--max-train-steps 6 (was 3)"]
 
 
+def test_resume_from_a_path_continues_in_that_runs_folder_even_moved(tmp_path, monkeypatch,
+                                                                      small):
+    """`--resume PATH` alone, from another working folder, after the run folder was moved: the run
+    continues in the folder that holds the checkpoint, with its settings."""
+    run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "3")
+    moved = tmp_path / "elsewhere" / "renamed"
+    os.makedirs(moved.parent)
+    shutil.move(run_dir, moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    sra.main(sra.parse_args(["--resume", ckpt_path(moved, 3), "--max-train-steps", "4"]))
+    assert steps_saved(moved) == [3, 4] and not (tmp_path / "elsewhere" / "exps").exists()
+    assert json.loads((moved / "args.json").read_text())["model"] == "SiT-T/8"
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--model", "SiT-T/4"], "--model cannot change in a resumed run (it was SiT-T/8)"),
     (["--loss-type", "sml1"], "--loss-type cannot change in a resumed run (it was cos)"),
@@ -1423,13 +1437,18 @@ def test_sample_help_groups_and_defaults(capsys, monkeypatch):
     assert re.findall(r"^(\S[^\n]*):$", text, flags=re.M) == ["options", "checkpoint", "sampler",
                                                                "output"]
     assert "(default: None)" not in text and "(default: False)" not in text
-    entries = re.split(r"\n(?=  -)", text.split("\noptions:\n", 1)[1])
-    for entry in entries:
-        assert entry.lower().count("default") <= 1, entry
-    entry = {e.split()[0]: " ".join(e.split()) for e in entries}
+    entry = help_entries(text)
     assert entry["--num-steps"].endswith("(default: 250; 50 with --grid)")
     assert entry["--cfg-scale"].endswith("(default: 1 = off; 4 with --grid)")
     assert entry["--per-proc-batch-size"].endswith("(default: 32)")
+
+
+def help_entries(text):
+    """--help's flags -> {flag: its entry on one line}; each entry states its default once at most."""
+    entries = re.split(r"\n(?=  -)", text.split("\noptions:\n", 1)[1])
+    for entry in entries:
+        assert entry.lower().count("default") <= 1, entry
+    return {e.split()[0]: " ".join(e.split()) for e in entries}
 
 
 def test_help_groups_and_defaults(capsys, monkeypatch):
@@ -1455,11 +1474,8 @@ def test_help_groups_and_defaults(capsys, monkeypatch):
                         ("benchmark", "--bench-shape")]:
         assert flag in flags[title]
     assert sum(len(v) for v in flags.values()) >= 45
-    entries = re.split(r"\n(?=  -)", text.split("\noptions:\n", 1)[1])
     assert "(default: None)" not in text
-    for entry in entries:
-        assert entry.lower().count("default") <= 1, entry
-    entry = {e.split()[0]: " ".join(e.split()) for e in entries}
+    entry = help_entries(text)
     assert entry["--seed"].endswith("(default: 0)")
     assert entry["--keep-last"].endswith("(default: 0)")
     assert entry["--epochs"].endswith("(default: 801)")

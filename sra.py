@@ -51,6 +51,7 @@ import time
 from collections import OrderedDict
 from datetime import timedelta
 from functools import partial
+from operator import methodcaller
 from pathlib import Path
 
 import numpy as np
@@ -355,8 +356,7 @@ class GaussianDiffusion:
     """
 
     def __init__(self, betas):
-        betas = torch.as_tensor(betas, dtype=torch.float64)
-        self.betas = betas
+        self.betas = betas = torch.as_tensor(betas, dtype=torch.float64)
         self.num_timesteps = len(betas)
         ac = torch.cumprod(1 - betas, dim=0)  # abar_t, the fraction of signal left at step t
         ac_prev = torch.cat([torch.ones_like(ac[:1]), ac[:-1]])  # abar_{t-1}
@@ -377,20 +377,20 @@ class GaussianDiffusion:
                                   device=device))
 
     @staticmethod
-    def _at(table, t, x):
-        """table[t] in x's dtype, shaped (N, 1, 1, 1) to broadcast against x."""
-        return table[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    def _per_sample(values, x):
+        """Per-sample values (N,) in x's dtype, shaped (N, 1, 1, 1) to broadcast against x."""
+        return values.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with the given noise."""
-        ac = self.alphas_cumprod  # (float64 square roots, taken before the cast to x's dtype)
-        return self._at(ac.sqrt(), t, x0) * x0 + self._at((1 - ac).sqrt(), t, x0) * noise
+        ac = self.alphas_cumprod[t]  # (N,) in float64: the roots are taken before the cast
+        return self._per_sample(ac.sqrt(), x0) * x0 + self._per_sample((1 - ac).sqrt(), x0) * noise
 
     def q_posterior(self, x0, xt, t):
         """Mean and log-variance of the true posterior q(x_{t-1} | x_t, x_0)."""
-        mean = (self._at(self.posterior_mean_coef1, t, xt) * x0
-                + self._at(self.posterior_mean_coef2, t, xt) * xt)
-        return mean, self._at(self.posterior_log_variance_clipped, t, xt)
+        mean = (self._per_sample(self.posterior_mean_coef1[t], xt) * x0
+                + self._per_sample(self.posterior_mean_coef2[t], xt) * xt)
+        return mean, self._per_sample(self.posterior_log_variance_clipped[t], xt)
 
     def p_mean_variance(self, model_output, xt, t):
         """The model's p(x_{t-1} | x_t) -> mean, log-variance and the predicted x_0.
@@ -400,11 +400,11 @@ class GaussianDiffusion:
         """
         C = xt.shape[1]
         frac = (model_output[:, C:] + 1) / 2  # in [0, 1]
-        log_var = (frac * self._at(self.betas.log(), t, xt)
-                   + (1 - frac) * self._at(self.posterior_log_variance_clipped, t, xt))
-        ac = self.alphas_cumprod  # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-        x0 = self._at((1 / ac).sqrt(), t, xt) * xt - self._at((1 / ac - 1).sqrt(), t, xt) * (
-            model_output[:, :C])
+        log_var = (frac * self._per_sample(self.betas[t].log(), xt)
+                   + (1 - frac) * self._per_sample(self.posterior_log_variance_clipped[t], xt))
+        ac = self.alphas_cumprod[t]  # x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        x0 = (self._per_sample((1 / ac).sqrt(), xt) * xt
+              - self._per_sample((1 / ac - 1).sqrt(), xt) * model_output[:, :C])
         return self.q_posterior(x0, xt, t)[0], log_var, x0
 
     def training_losses(self, model_output, x0, xt, t, noise):
@@ -733,7 +733,7 @@ def encode_latents(args):
                         f"folder (the two must not mix)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(made_by)  # (before any latent file)
+        atomic_write(marker, methodcaller("write", made_by.encode()))  # (before any latent)
     files = [out / (os.path.relpath(path, args.data_dir) + ".npy") for path, _ in dataset.samples]
     N, B = len(files), args.batch_size
     batches = [range(start, min(start + B, N)) for start in range(0, N, B)]
@@ -756,8 +756,8 @@ def encode_latents(args):
         dist.barrier()  # every file is written (a process that failed ended the job)
     if rank == 0:
         labels = [[str(f.relative_to(out)), label] for f, (_, label) in zip(files, dataset.samples)]
-        Path(f"{out}/dataset.json.tmp").write_text(json.dumps({"labels": labels}))
-        os.replace(f"{out}/dataset.json.tmp", out / "dataset.json")  # atomic, as every file
+        listing = json.dumps({"labels": labels}).encode()
+        atomic_write(out / "dataset.json", methodcaller("write", listing))  # f.write(listing)
         print(f"wrote {N} latents and {out}/dataset.json: train with --data-dir {args.encode}")
     if ddp:
         dist.destroy_process_group()
@@ -1262,7 +1262,7 @@ def parse_args(argv=None):
     saved = saved_settings(args) if args.resume and not args.bench else {}
     args = parser.parse_args(argv, argparse.Namespace(**saved)) if saved else args
     changed = [key for key, old in saved.items() if getattr(args, key) != old and key != "resume"]
-    for key in set(changed) & FIXED_SETTINGS:
+    for key in sorted(set(changed) & FIXED_SETTINGS):  # (the first of them is refused)
         raise UserError(f"--{key.replace('_', '-')} cannot change in a resumed run (it was "
                         f"{saved[key]}): drop it, or start a new run with another --exp-name")
     args.changes = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in changed]

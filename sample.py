@@ -2,7 +2,7 @@
 
 Run recipes
     # a quick look: one PNG, 8 new samples for each of the first 10 classes (50 steps, CFG 4)
-    python sample.py --ckpt exps/SiT-T-4-sra/checkpoints/0002000.pt --grid
+    python sample.py --ckpt exps/demo/checkpoints/0001500.pt --grid
     # the paper's FID-50K run (SiT-XL/2 + SRA: SDE, 250 steps, CFG 1.8 on t in [0, 0.7]), 8 GPUs
     torchrun --nproc_per_node=8 sample.py --model SiT-XL/2 --ckpt CKPT --num-fid-samples 50000 \
         --path-type linear --per-proc-batch-size 64 --mode sde --num-steps 250 --cfg-scale 1.8 \
@@ -308,8 +308,10 @@ def time_convention(args, path):
     """(path_type, reverse) of a training checkpoint from its args. SRA, REPA, DiT and sra.py: t = 0
     is data, path linear or cosine. The SiT repository (t = 0 noise) writes Linear, GVP or VP."""
     path_type = args.get("path_type") or "linear"
-    if path_type not in ("Linear", "GVP", "VP"):
+    if path_type in ("linear", "cosine", "cos"):
         return {"cos": "cosine"}.get(path_type, path_type), False
+    if path_type not in ("Linear", "GVP", "VP"):
+        raise sra.UserError(f"{path} has the unknown path type {path_type!r} (linear or cosine)")
     prediction = args.get("prediction", "velocity")
     if path_type == "VP" or prediction != "velocity":
         raise sra.UserError(f"{path} is a SiT-repository {path_type} {prediction} model: "
@@ -506,6 +508,8 @@ def write_samples(model, vae, settings, args, name, npz_path, rank, world_size):
             os.rmdir(run_dir)
     log(f"wrote {npz_path} (arr_0: {N} uint8 images {size}x{size}x3, arr_1: labels) and the "
         f"preview {preview}")
+    if args.save_png:  # the folder that FID tools (torch-fidelity, clean-fid) read
+        log(f"wrote {N} PNGs to {os.path.join(run_dir, 'png')}")
 
 
 def write_grid(model, vae, settings, args, name):

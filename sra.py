@@ -9,8 +9,8 @@ same image. No external encoder (DINOv2, CLIP, MAE) is needed.
 Run recipes
     # a CPU and a few minutes: the built-in procedural data, nothing to download; then pictures
     python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 2e-3 --ema-decay 0.99 \
-        --max-train-steps 2000 --checkpoint-steps 500 --exp-name demo
-    python sample.py --ckpt exps/demo/checkpoints/0002000.pt --grid
+        --max-train-steps 1500 --checkpoint-steps 500 --exp-name demo
+    python sample.py --ckpt exps/demo/checkpoints/0001500.pt --grid
     # one GPU, CIFAR-10 in pixel space
     python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128 \
         --max-train-steps 400000
@@ -194,8 +194,7 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels  # 2C: eps and variance
         self.num_classes = num_classes
         self.hidden_size = hidden_size
         self.grad_checkpointing = False
@@ -317,10 +316,10 @@ def interpolant(t, path_type="linear"):
     """
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type in ("cosine", "cos"):  # the official trainer accepts `cos`; its loss knew `cosine`
-        a = math.pi / 2
-        return torch.cos(a * t), torch.sin(a * t), -a * torch.sin(a * t), a * torch.cos(a * t)
-    raise UserError(f"unknown path type {path_type!r}: use linear or cosine")
+    # else cosine, or `cos`: the official trainer accepts that spelling; its loss knew `cosine`
+    # (--path-type takes nothing else, and sample.py checks a checkpoint's when it loads it)
+    a = math.pi / 2
+    return torch.cos(a * t), torch.sin(a * t), -a * torch.sin(a * t), a * torch.cos(a * t)
 
 
 def sample_time(N, weighting, path_type, device, generator):
@@ -636,9 +635,8 @@ def build_dataset(args):
             raise UserError(f"CIFAR-10 is not in {args.data_dir} and cannot be downloaded ({e})")
         R = 32
     elif kind == "synthetic":  # --bench: random inputs and labels, the shape of --bench-shape
-        count = 64 * args.batch_size
-        labels = torch.arange(count) % args.num_classes
-        dataset = TensorDataset(torch.randn(count, *args.bench_shape), labels)
+        labels = torch.arange(64 * args.batch_size) % args.num_classes
+        dataset = TensorDataset(torch.randn(len(labels), *args.bench_shape), labels)
         dataset.num_classes = args.num_classes
         R = args.bench_shape[1]
     else:
@@ -701,7 +699,9 @@ def load_vae(name, device):
     source = f"stabilityai/sd-vae-ft-{name}" if name in ("ema", "mse") else name
     try:
         from diffusers import AutoencoderKL
-        return AutoencoderKL.from_pretrained(source).to(device).eval()
+        # low_cpu_mem_usage=False: what diffusers falls back to without the accelerate package,
+        # said here so that it does not print its six-line advice to install accelerate
+        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False).to(device).eval()
     except ImportError:
         raise UserError("the SD-VAE needs diffusers: pip install diffusers") from None
     except Exception as e:  # offline, or not a folder of diffusers weights
@@ -809,6 +809,10 @@ def atomic_write(path, write, what="file", note=""):
         with open(f"{path}.tmp", "wb") as f:
             write(f)
             f.flush()
+            # numpy's np.save writes arrays with C stdio, which can lose a failed write without a
+            # word (a full disk, a file-size limit): the file is then shorter than its position
+            if os.fstat(f.fileno()).st_size < f.tell():
+                raise OSError("a write did not reach the file (is the disk full?)")
             os.fsync(f.fileno())
         os.replace(f"{path}.tmp", path)  # atomic: readers see the old file or the new one
     except (OSError, RuntimeError) as e:
@@ -942,6 +946,11 @@ def build(args, device):
     return model, ema, opt, scaler
 
 
+def run_length(args, steps_per_epoch):
+    """The optimizer steps of a run: --max-train-steps when it is given, else --epochs epochs."""
+    return args.epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
+
+
 def main(args):
     """Train a DiT/SiT with SRA (vanilla with --no-sra). With --bench, the same loop runs on
     synthetic batches, writes nothing, and returns its timings."""
@@ -988,7 +997,7 @@ def main(args):
     epoch, skip = divmod(step * accum, len(loader))  # the micro-batch to resume at
     sampler.skip = skip * args.batch_size
     batches = epochs_of(loader, sampler, epoch)
-    total_steps = min(args.max_train_steps, args.epochs * (len(loader) // accum))
+    total_steps = run_length(args, len(loader) // accum)
     if run_dir and rank == 0:  # every input check has passed: now the run folder is made
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         Path(run_dir, "args.json").write_text(json.dumps(vars(args), indent=2))
@@ -1224,8 +1233,8 @@ def parse_args(argv=None):
     add = parser.add_argument_group("optimisation").add_argument
     add("--batch-size", type=int, default=32, help="per process (the paper: 32 x 8 GPUs)")
     add("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
-    add("--epochs", type=int, default=801, help="stop after this many epochs ...")
-    add("--max-train-steps", type=int, default=4_100_000, help="... or optimizer steps")
+    add("--epochs", type=int, default=801, help="the run's length, unless --max-train-steps")
+    add("--max-train-steps", type=int, help="steps of the run; when given, --epochs is ignored")
     add("--learning-rate", type=float, default=1e-4, help="AdamW, constant")
     add("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     add("--adam-beta2", type=float, default=0.999, help="AdamW beta2")

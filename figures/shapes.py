@@ -1,5 +1,5 @@
 """Shape-only classifier for the built-in data of sra.py, and a scorer for sample.py --grid PNGs:
-the measurement behind the README's demo figure (not part of CI; the weights go to exps/).
+the measurement behind the README's demo figure and figures/compare.py (the weights go to exps/).
 
 The class of a ShapesDataset image is also its hue, so the classifier is trained on the same
 geometry (filled disc, square, diamond, cross, bar; then their outlines) drawn with RANDOM colours
@@ -7,9 +7,12 @@ geometry (filled disc, square, diamond, cross, bar; then their outlines) drawn w
 random down-then-up sampling, and each image is standardised per image. Neither hue nor luminance
 level can identify the class; only the shape can.
 
-    python .ci/shape-score.py train                 # -> exps/shape-score.pt (4 min on a core)
-    python .ci/shape-score.py check                 # its accuracy on real ShapesDataset images
-    python .ci/shape-score.py score GRID.png [...]  # columns 0-4 (filled) and 5-9 (outlines)
+    python figures/shapes.py train                  # -> exps/shape-score.pt (4 min on a core)
+    python figures/shapes.py check                  # its accuracy on real ShapesDataset images
+    python figures/shapes.py score GRID.png [...]   # columns 0-4 (filled) and 5-9 (outlines)
+
+As a module (figures/ is no package: import it by path, as figures/compare.py does): load() the
+weights, predict() classes, features() the 96-dim penultimate features, train(steps, path) anew.
 """
 import os
 import sys
@@ -20,15 +23,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 WEIGHTS = os.path.join(ROOT, "exps", "shape-score.pt")
 R = 32
 
 
 def draw(n, rng):
-    """n random-colour images (n, 3, R, R) in [-1, 1] and labels, the geometry of ShapesDataset
-    over wider ranges, rendered at 2R and box-downsampled half the time (antialiased edges)."""
+    """n random-colour images (n, 3, R, R) in [-1, 1] and their labels (n,)."""
+    # the geometry of ShapesDataset over wider ranges, rendered at 2R and box-downsampled half
+    # the time (antialiased edges)
     labels = rng.integers(0, 10, n)
     images = np.empty((n, 3, R, R), np.float32)
     for i, label in enumerate(labels):
@@ -77,7 +80,9 @@ def standardise(x):
 
 
 def net():
+    """The classifier: three conv blocks (24, 48, 96 channels), global average pool, Linear."""
     def block(i, o):
+        """Two 3x3 conv + BatchNorm + ReLU layers, i -> o channels."""
         return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
                              nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
     return nn.Sequential(block(3, 24), nn.MaxPool2d(2), block(24, 48), nn.MaxPool2d(2),
@@ -86,21 +91,54 @@ def net():
 
 def real_shapes(n, resolution=R, start=10_000_000):
     """Fresh ShapesDataset images (indices far beyond those a demo run trains on)."""
-    sys.path.insert(0, ROOT)
+    if ROOT not in sys.path:  # (sra.py lives in the repository root)
+        sys.path.insert(0, ROOT)
     import sra
     ds = sra.ShapesDataset(resolution)
     xs, ys = zip(*(ds[start + i] for i in range(n)))
     return torch.stack(xs), torch.tensor(ys)
 
 
-def predict(model, x):
+def prepare(x):
+    """Images (n, 3, H, W) in [-1, 1] -> the classifier's input: resized to R, standardised."""
     if x.shape[-1] != R:
         x = F.interpolate(x, size=R, mode="bilinear", align_corners=False)
+    return standardise(x)
+
+
+def predict(model, x):
+    """The predicted classes (n,) of images (n, 3, H, W) in [-1, 1]."""
     with torch.no_grad():
-        return model(standardise(x)).argmax(1)
+        return model(prepare(x)).argmax(1)
 
 
-def train(steps=2000, batch=64):
+def features(model, x):
+    """The penultimate features (n, 96) of images (n, 3, H, W) in [-1, 1]."""
+    # after the average pool and Flatten, before the last Linear: the classifier's Inception pool
+    with torch.no_grad():
+        return model[:-1](prepare(x))
+
+
+def train(steps=2000, path=WEIGHTS, batch=64, report=True):
+    """Train the seeded classifier (the same one every time) for `steps` steps, save it to path."""
+    # report: print its accuracy on held-out random-colour shapes and on real ShapesDataset images
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same floating-point sums on any machine
+    try:
+        model = train_seeded(steps, batch)
+    finally:
+        torch.set_num_threads(threads)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(model.state_dict(), path)
+    if report:
+        x, y = draw(2000, np.random.default_rng(1))
+        print("held-out random-colour accuracy", (predict(model, x) == y).float().mean().item())
+        check(model)
+    return model
+
+
+def train_seeded(steps, batch):
+    """The training loop of train(): seeded draws and initial weights, AdamW, one-cycle lr."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)  # (the network's initial weights: the same classifier every time)
     model = net()
@@ -116,15 +154,11 @@ def train(steps=2000, batch=64):
         sched.step()
         if step % 250 == 0:
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
-    model.eval()
-    x, y = draw(2000, np.random.default_rng(1))
-    print("held-out random-colour accuracy", (predict(model, x) == y).float().mean().item())
-    os.makedirs(os.path.dirname(WEIGHTS), exist_ok=True)
-    torch.save(model.state_dict(), WEIGHTS)
-    check(model)
+    return model.eval()
 
 
 def check(model):
+    """Print the accuracy on 1000 real ShapesDataset images at 32 px and at 16 px."""
     for res in (32, 16):
         x, y = real_shapes(1000, res)
         acc = (predict(model, x) == y).float()
@@ -132,13 +166,15 @@ def check(model):
               f"(filled {acc[y < 5].mean():.3f}, outlines {acc[y >= 5].mean():.3f})")
 
 
-def load():
+def load(path=WEIGHTS):
+    """The trained classifier saved at `path`, in eval mode."""
     model = net()
-    model.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+    model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
 
 
 def score(path, model):
+    """A --grid PNG -> accuracy on columns 0-4 (filled), on 5-9 (outlines); the predictions."""
     from PIL import Image
     grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1
     H, W, _ = grid.shape
@@ -155,6 +191,9 @@ def score(path, model):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "check", "score"):
+        sys.exit(__doc__.split("\n\n")[2])  # the usage lines, exit status 1
+    torch.set_num_threads(1)
     if sys.argv[1] == "train":
         train()
     elif sys.argv[1] == "check":

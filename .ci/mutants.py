@@ -10,9 +10,11 @@ suite let through. A mutant that survives is a behaviour no test guards.
     python .ci/mutants.py --slow          # survivors get the whole suite too
     python .ci/mutants.py -k DDPM -k EMA  # only mutants whose description names one of these
     python .ci/mutants.py --tests OLD.py --code f4722ad  # an older suite on that release's code
+    python .ci/mutants.py --shard 0/2 & python .ci/mutants.py --shard 1/2  # on two cores
 
 A mutant whose text the code does not hold (written for another release) is reported as such and
-not counted. A test run that hangs (a mutant can turn a 3-step run into 801 epochs) counts as a
+not counted. The copy without a mutant must pass the tests first (else every mutant would look
+caught). A test run that hangs (a mutant can turn a 3-step run into 801 epochs) counts as a
 failure after --timeout seconds.
 """
 import argparse
@@ -32,7 +34,8 @@ MUTANTS = [
     ("sra.py", "return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)",
      "return x * scale.unsqueeze(1) + shift.unsqueeze(1)", "adaLN scale without 1 +"),
     ("sra.py", "return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)",
-     "return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)", "timestep embedding sin first"),
+     "return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)",
+     "timestep embedding sin first"),
     ("sra.py", "torch.arange(half, device=t.device) / half)",
      "torch.arange(half, device=t.device) / dim)", "timestep frequencies over dim"),
     ("sra.py", "for position in (cols, rows)]", "for position in (rows, cols)]",
@@ -135,8 +138,8 @@ MUTANTS = [
      "t = torch.randint(1, T, (N,), device=device, generator=generator)", "DiT never trains t = 0"),
     ("sra.py", "torch.randint(0, max(1, round(args.t_max * T)), (N,)",
      "torch.randint(0, 200, (N,)", "DiT teacher offset hard-coded"),
-    ("sra.py", "t_teacher = (t - offset).clamp(1, T - 1)", "t_teacher = (t - offset).clamp(0, T - 1)",
-     "DiT teacher clamped at step 0"),
+    ("sra.py", "t_teacher = (t - offset).clamp(1, T - 1)",
+     "t_teacher = (t - offset).clamp(0, T - 1)", "DiT teacher clamped at step 0"),
     ("sra.py", "teacher = ema.forward_features(x_teacher, t_teacher, y, args.block_out_t)",
      "teacher = ema.forward_features(x_teacher, t, y, args.block_out_t)", "teacher at student t"),
     ("sra.py", "with torch.no_grad():  # stop-gradient", "with contextlib.nullcontext():  #",
@@ -144,7 +147,8 @@ MUTANTS = [
     ("sra.py", "target = d_alpha * x + d_sigma * noise", "target = d_alpha * noise + d_sigma * x",
      "velocity target swapped"),
     ("sra.py", "output, student = model(x_t, t, y, block_out_s=args.block_out_s)",
-     "output, student = model(x_t, t, y, block_out_s=args.block_out_t)", "student at teacher block"),
+     "output, student = model(x_t, t, y, block_out_s=args.block_out_t)",
+     "student at teacher block"),
     # ---- data
     ("sra.py", "return (mean + std * noise) * 0.18215", "return mean + std * noise",
      "latents not scaled"),
@@ -196,7 +200,8 @@ MUTANTS = [
     ("sra.py", "ema.load_state_dict({k: v for k, v in model.state_dict().items() if not k.",
      "ema.load_state_dict({k: 0 * v for k, v in model.state_dict().items() if not k.",
      "EMA not a copy at step 0"),
-    ("sra.py", "model_params = [raw_model.get_parameter(name) for name, _ in ema.named_parameters()]",
+    ("sra.py",
+     "model_params = [raw_model.get_parameter(name) for name, _ in ema.named_parameters()]",
      "model_params = [p for n, p in raw_model.named_parameters() if n != 'pos_embed']",
      "EMA pairs by position"),
     # ---- the paper's defaults
@@ -268,8 +273,8 @@ MUTANTS = [
     ("sample.py", "row, col = divmod(i, nrow)", "col, row = divmod(i, nrow)", "grid transposed"),
     ("sample.py", "y = torch.stack([torch.randint(num_classes, (), generator=g)",
      "y = torch.stack([torch.randint(num_classes - 1, (), generator=g)", "last class never drawn"),
-    ("sample.py", "labels = torch.arange(k).repeat(8)", "labels = torch.arange(k).repeat_interleave(8)",
-     "grid classes in rows"),
+    ("sample.py", "labels = torch.arange(k).repeat(8)",
+     "labels = torch.arange(k).repeat_interleave(8)", "grid classes in rows"),
     ("sample.py", "return ((key >> 32 | 1) * index + key) & 0xFFFFFFFF",
      "return (index + key) & 0xFFFFFFFF", "streams of seeds only shifted"),
     ("sample.py", "num_classes = int(args.get(\"num_classes\") or rows - 1)",
@@ -298,8 +303,9 @@ def slow_tests(path):
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
             text = ast.get_source_segment(source, node)
             fixtures = {a.arg for a in node.args.args}  # these run sra.py in a subprocess
-            if "mark.slow" in text or ("mark.slow" not in source and (
-                    any(word in text for word in spawning) or {"reference", "accumulated"} & fixtures)):
+            spawns = (any(word in text for word in spawning)
+                      or {"reference", "accumulated"} & fixtures)
+            if "mark.slow" in text or ("mark.slow" not in source and spawns):
                 names.append(node.name)
     return names
 
@@ -324,23 +330,28 @@ def run_tests(folder, tests, fast, timeout):
 def main():
     """Apply each mutant to a copy of the repository and run the tests there."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-k", action="append", default=[], help="only mutants whose description has this (any of several)")
+    parser.add_argument("-k", action="append", default=[],
+                        help="only mutants whose description has this (any of several)")
     parser.add_argument("--slow", action="store_true", help="survivors: the whole suite")
     parser.add_argument("--tests", default=os.path.join(ROOT, "test_sra.py"), help="test file")
-    parser.add_argument("--code", help="take sra.py and sample.py from this git revision")
+    parser.add_argument("--code", help="the repository at this git revision (else the working "
+                        "tree)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds a test run may take")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--shard", default="0/1", help="K/N: every N-th mutant from the K-th "
+                        "(run N such calls at once on N cores)")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if not args.k or any(word in m[3] for word in args.k)]
     survivors, absent = [], []
     with tempfile.TemporaryDirectory() as folder:
-        shutil.copytree(ROOT, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-            ".git", "exps", "samples", "data", "__pycache__", "gpu-check"))
+        if args.code:  # that release's whole tree: its code, its README, its figures
+            archive = subprocess.run(["git", "archive", args.code], cwd=ROOT, check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        else:  # the working tree as it is
+            shutil.copytree(ROOT, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+                ".git", "exps", "samples", "data", "__pycache__", "gpu-check"))
         shutil.copy(args.tests, os.path.join(folder, "test_sra.py"))
-        for file in ("sra.py", "sample.py") if args.code else ():
-            source = subprocess.run(["git", "show", f"{args.code}:{file}"], cwd=ROOT, check=True,
-                                    capture_output=True, text=True).stdout
-            open(os.path.join(folder, file), "w").write(source)
         for file, old, new, what in chosen:
             count = open(os.path.join(folder, file)).read().count(old)
             if count > 1:
@@ -348,9 +359,14 @@ def main():
             if count == 0:
                 absent.append(f"{file}: {what}")
         chosen = [m for m in chosen if f"{m[0]}: {m[3]}" not in absent]
+        k, n = map(int, args.shard.split("/"))
+        chosen = chosen[k::n]
         if args.list:
             print("\n".join(f"{file}: {what}" for file, _, _, what in chosen))
             return
+        # A suite that fails without any mutant would "catch" every one of them
+        if run_tests(folder, "test_sra.py", True, args.timeout):
+            sys.exit("the tests fail on the code without a mutant: make them pass first")
         for n, (file, old, new, what) in enumerate(chosen, 1):
             path = os.path.join(folder, file)
             original = open(path).read()

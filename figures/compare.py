@@ -14,13 +14,14 @@ each run's metrics.jsonl. Out come figures/sra-vs-vanilla.png (Fréchet distance
 cosine against the step; mean over the seeds, shaded from the lowest to the highest seed) and
 exps/compare/results.md (the same numbers as tables, also printed at the end).
 
-    python figures/compare.py                     # about 2 h on 2 cores, see below
+    python figures/compare.py                     # about 3 h on 2 cores, see below
     python figures/compare.py --quick --out DIR   # the pipeline in miniature: ~20 s (a test)
 
-Running time on 2 CPU cores: 9 runs of about 10 minutes each (the README's demo: 612 s), the
-classifier once (4 minutes, if exps/shape-score.pt is missing), and 36 sample sets of about a
-minute each (500 samples x 50 network calls); runs already trained, by hand or by an earlier
-call, are not trained again.
+Running time on 2 CPU cores, about 3 hours: 9 runs of 2,000 steps (the README's demo, 1,500 of
+them, took 566 s on the 2 cores of its timing; vanilla runs are a quarter faster), the classifier
+once (4 minutes, if exps/shape-score.pt is missing), and 36 sample sets of 113 s each (500
+samples x 50 network calls); runs already trained, by hand or by an earlier call, are not
+trained again.
 
 Everything resumes: a finished run (its last checkpoint exists) is not trained again, a run killed
 half-way goes on from its newest checkpoint (sra.py --resume auto), and every score is kept in

@@ -3,7 +3,7 @@ shape classifier's score of it for the caption, and the demo's curves from its m
 
     python sra.py --model SiT-T/4 ... --exp-name demo       # the README's demo command
     python sample.py --ckpt exps/demo/checkpoints/0001500.pt --grid
-    python figures/demo.py                                   # -> figures/demo-grid.png, demo-loss.png
+    python figures/demo.py                             # -> figures/demo-grid.png, demo-loss.png
 
 It reads the run folder (--run, default exps/demo) and the newest grid that sample.py wrote of its
 last checkpoint (--grid, default the newest samples/*-<step>-*-grid.png), copies the grid into

@@ -7,7 +7,7 @@ hidden state after a later block of the network's own EMA, which sees a less noi
 same image. No external encoder (DINOv2, CLIP, MAE) is needed.
 
 Run recipes
-    # a CPU and a few minutes: the built-in procedural data, nothing to download; then pictures
+    # a CPU and ten minutes: the built-in procedural data, nothing to download; then pictures
     python sra.py --model SiT-T/4 --batch-size 32 --learning-rate 2e-3 --ema-decay 0.99 \
         --max-train-steps 1500 --checkpoint-steps 500 --exp-name demo
     python sample.py --ckpt exps/demo/checkpoints/0001500.pt --grid

@@ -1014,6 +1014,17 @@ def test_alignment_losses():
     assert cos.item() == pytest.approx(per_token.mean().item(), abs=1e-6)
     big = (300 * s).half()  # 300^2 * 8 > 65504, fp16's largest number
     assert sra.align_loss(big, big, "cos")[0].item() == pytest.approx(0, abs=1e-3)
+    # fp16 features (autocast's) give fp32 losses, exact for the fp16 values (an fp16 result
+    # would be rounded to 11 significant bits)
+    s16, t16 = s.half(), t.half()
+    diff = (s16.double() - t16.double()).abs()
+    smooth = torch.where(diff < 0.05, 0.5 * diff ** 2 / 0.05, diff - 0.025).mean()
+    s64, t64 = s16.double(), t16.double()
+    per_token = (s64 * t64).sum(-1) / (s64.norm(dim=-1) * t64.norm(dim=-1))
+    for kind, expected in (("sml1", smooth), ("cos", (1 - per_token).mean())):
+        loss16 = sra.align_loss(s16, t16, kind)[0]
+        assert loss16.dtype == torch.float32, kind
+        assert loss16.item() == pytest.approx(expected.item(), rel=1e-6), kind
 
 
 def test_align_weight_schedule():
@@ -1533,6 +1544,24 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     messages = []
     assert sra.find_resume_checkpoint("auto", tmp_path, messages.append)[0] == path
     assert messages == []
+
+
+def test_a_write_that_never_reached_the_file_is_one_line(tmp_path):
+    """Bytes lost without an error (np.save writes through C stdio, which drops a failed write
+    on a full disk; here the file is cut behind the writer's back) are caught: one line, the
+    old file intact, no .tmp left."""
+    path = str(tmp_path / "x.npy")
+    sra.atomic_write(path, lambda f: f.write(b"old"))
+
+    def lose(f):
+        f.write(b"0123456789")
+        f.flush()
+        os.truncate(f.name, 4)  # what reached the disk: 4 of 10 bytes
+
+    with pytest.raises(sra.UserError, match=r"^cannot write latent file .*x\.npy: a write did "
+                                            r"not reach the file \(is the disk full\?\)$"):
+        sra.atomic_write(path, lose, "latent file")
+    assert open(path, "rb").read() == b"old" and not os.path.exists(path + ".tmp")
 
 
 class Evil:
@@ -3197,6 +3226,10 @@ def test_cfg_interval_is_decided_at_each_step_start():
         inside = 0.25 <= start <= 0.65
         assert n == (6 if inside else 3) and abs(t - t_call) < 1e-6, (n, t, start)
         assert labels == ([0, 1, 3, 4, 4, 4] if inside else [0, 1, 3])
+    # The interval is closed: the default [0, 1] guides every step, the first (t = 1) too
+    calls.clear()
+    sample.generate(model, z, y, mode="ode", num_steps=4, cfg_scale=2.0)
+    assert [(n, t) for n, t, _ in calls] == [(6, 1.0), (6, 0.75), (6, 0.5), (6, 0.25)]
 
 
 def test_cfg_formula_on_all_channels_and_ddpm_interval():

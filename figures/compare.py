@@ -546,8 +546,13 @@ def draw_figure(path, table, variants, seeds, real, xmax, n):
     panel(canvas, boxes[2], "Student-teacher alignment", "cosine, student vs teacher", cos, xmax,
           top_value=1.0, note="vanilla: no alignment term")
     legend(canvas, px(HEIGHT - 25), variants, seeds)
-    image = canvas.convert("RGB").resize((WIDTH, HEIGHT), Image.LANCZOS)
-    # a palette of 256 colours: the same look at a fraction of the bytes
+    save_figure(canvas, path, (WIDTH, HEIGHT))
+
+
+def save_figure(canvas, path, size):
+    """The canvas, drawn at SCALE times the size, down to `size`, saved with a palette of 256
+    colours: the same look at a fraction of the bytes."""
+    image = canvas.convert("RGB").resize(size, Image.LANCZOS)
     image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
         path, optimize=True)
 

@@ -56,9 +56,7 @@ def draw_curves(path, records):
                   loss, steps[-1])
     compare.panel(canvas, boxes[1], "Student-teacher cosine (SRA term)", "cosine", cos,
                   steps[-1], top_value=1.0)
-    image = canvas.convert("RGB").resize((width, height), Image.LANCZOS)
-    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-        path, optimize=True)
+    compare.save_figure(canvas, path, (width, height))
 
 
 def main(argv=None):

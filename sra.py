@@ -15,13 +15,10 @@ Run recipes
     python sra.py --model SiT-B/2 --dataset cifar10 --data-dir data/cifar10 --batch-size 128 \
         --max-train-steps 400000
     # 8 GPUs, ImageNet 256 as SD-VAE latents (--batch-size is per process: 32 x 8 = 256): encode
-    # the JPEGs once (resumable), then train on the latents
+    # the JPEGs once (resumable), then train on the latents; on two nodes, add --nnodes=2
+    # --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 and halve --batch-size
     torchrun --nproc_per_node=8 sra.py --encode data/imagenet256 --data-dir data/imagenet/train
     torchrun --nproc_per_node=8 sra.py --model SiT-XL/2 --data-dir data/imagenet256
-    # two nodes (run this on both, R = 0 and 1): half the batch per process keeps 256
-    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
-        --rdzv_endpoint=HOST:29500 sra.py --model SiT-XL/2 --data-dir data/imagenet256 \
-        --batch-size 16
     # the benchmark: this file's training loop on synthetic batches, vanilla then SRA
     python sra.py --bench --model SiT-XL/2 --batch-size 32
 
@@ -37,12 +34,11 @@ Notable choices
 """
 import argparse
 import contextlib
-import glob
+import io
 import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -51,7 +47,6 @@ import time
 from collections import OrderedDict
 from datetime import timedelta
 from functools import partial
-from operator import methodcaller
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +64,7 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
 
 
-# ==================================================================================================
-# Embedders: patches, timesteps, positions
-# ==================================================================================================
+# ==== Embedders: patches, timesteps, positions ====================================================
 
 def modulate(x, shift, scale):
     """adaLN: LN(x) * (1 + scale) + shift, one (shift, scale) per sample, broadcast over tokens."""
@@ -115,9 +108,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
     return np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1)  # (T, D)
 
 
-# ==================================================================================================
-# The transformer: attention, adaLN-Zero block, final layer, the model table
-# ==================================================================================================
+# ==== The transformer: attention, adaLN-Zero block, final layer, the model table ==================
 
 class Attention(nn.Module):
     """Multi-head self-attention: a fused qkv projection and PyTorch's fused attention kernel."""
@@ -189,8 +180,6 @@ class DiT(nn.Module):
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
                  learn_sigma=True, projector=False):
         super().__init__()
-        if input_size % patch_size:
-            raise UserError(f"input size {input_size} is not divisible by patch size {patch_size}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -299,9 +288,7 @@ BLOCK_PAIRS = {"SiT-S": (3, 8), "SiT-B": (3, 8), "SiT-L": (6, 16), "SiT-XL": (8,
                "DiT-S": (3, 7), "DiT-B": (3, 7), "DiT-L": (6, 14), "DiT-XL": (8, 16)}
 
 
-# ==================================================================================================
-# Objectives: the SiT interpolant (flow matching) and the DDPM of DiT
-# ==================================================================================================
+# ==== Objectives: the SiT interpolant (flow matching) and the DDPM of DiT =========================
 
 def mean_flat(x):
     """Mean over every axis but the batch axis."""
@@ -425,9 +412,7 @@ class GaussianDiffusion:
         return mse + torch.where(t == 0, nll, kl)
 
 
-# ==================================================================================================
-# SRA: the EMA teacher, the alignment loss, and one training batch
-# ==================================================================================================
+# ==== SRA: the EMA teacher, the alignment loss, and one training batch ============================
 
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay=0.9999):
@@ -502,9 +487,9 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
     return denoise.mean(), align, cos
 
 
-# ==================================================================================================
-# Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents
-# ==================================================================================================
+
+
+# ==== Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents =================
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Built-in data: 10 classes of coloured shapes on a shaded background, drawn on the fly.
@@ -525,8 +510,6 @@ class ShapesDataset(torch.utils.data.Dataset):
         label = index % 10
         R = self.resolution
         yy, xx = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in (0, 1), each (R, R)
-        # centres jitter by 0.04 and outlines are 0.5 s thick (were 0.12 and 0.4 s): the README's
-        # 2,000-step CPU demo then draws every class's shape, where thin rings broke up into blocks
         dx = abs(xx - 0.5 - rng.uniform(-0.04, 0.04))  # distances to a jittered centre
         dy = abs(yy - 0.5 - rng.uniform(-0.04, 0.04))
         # each shape is where a distance from the centre is below the size s
@@ -543,13 +526,14 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 def center_crop_arr(image, resolution):
-    """ADM's center crop: box-downsample while the short side >= 2 * resolution, then bicubic to
-    the resolution on the short side, then crop the centre. PIL image -> (R, R, 3) uint8 array."""
+    """ADM's center crop: box-downsample while the short side >= 2 * resolution, bicubic to the
+    resolution on the short side, crop the centre. PIL image -> (R, R, 3) uint8 array."""
     while min(*image.size) >= 2 * resolution:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = resolution / min(*image.size)
     arr = np.array(image.resize(tuple(round(x * scale) for x in image.size), Image.BICUBIC))
-    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    top = (arr.shape[0] - resolution) // 2
+    left = (arr.shape[1] - resolution) // 2
     return arr[top:top + resolution, left:left + resolution]
 
 
@@ -559,8 +543,7 @@ def to_tensor(image):
 
 
 def load_image(path, resolution):
-    """ImageFolder's loader: the ADM crop, then to_tensor; a file that does not decode is a
-    one-line error naming it."""
+    """ImageFolder's loader: the ADM crop, then to_tensor. A file that does not decode is named."""
     try:
         with Image.open(path) as image:
             return to_tensor(center_crop_arr(image.convert("RGB"), resolution))
@@ -569,24 +552,15 @@ def load_image(path, resolution):
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Pre-encoded ImageNet as SRA/REPA/EDM2 write it: vae-sd/dataset.json and one .npy per image
-    of shape (8, R/8, R/8), the SD-VAE posterior's mean and std stacked on the channel axis.
-
-    Items are returned as stored (fp16 stays fp16); prepare_batch draws the latent on the device.
-    A file is opened only when it is read, so start-up does not touch 1.28M files; a missing or
-    bad one is reported then, by name.
-    """
+    """Pre-encoded ImageNet as SRA/REPA/EDM2 write it: vae-sd/dataset.json and one .npy per image,
+    (8, R/8, R/8): the SD-VAE posterior's mean and std. A file is read (and a bad one named) when
+    it is used, so start-up does not touch 1.28M files. prepare_batch draws the latent."""
 
     def __init__(self, root, resolution):
-        meta = os.path.join(root, "vae-sd", "dataset.json")
-        try:
-            with open(meta) as f:
-                labels = json.load(f)["labels"]
-            self.files = [(os.path.join(root, "vae-sd", p), int(label)) for p, label in labels]
-            self.num_classes = 1 + max(label for _, label in self.files)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read {meta} ({e}): expected a non-empty "
-                            f"{{\"labels\": [[path, class], ...]}}") from None
+        with open(os.path.join(root, "vae-sd", "dataset.json")) as f:
+            labels = json.load(f)["labels"]
+        self.files = [(os.path.join(root, "vae-sd", path), int(label)) for path, label in labels]
+        self.num_classes = 1 + max(label for _, label in self.files)
         self.shape = (8, resolution // 8, resolution // 8)
 
     def __len__(self):
@@ -594,15 +568,11 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.files[index]
-        try:
-            moments = np.load(path)
+        try:  # (8, h, w), or (1, 8, h, w) as EDM2's tool writes it
+            return torch.from_numpy(np.load(path).reshape(self.shape)), label
         except Exception as e:
-            raise UserError(f"cannot read latent file {path}: {e}") from None
-        # (8, h, w), or (1, 8, h, w) as EDM2's tool writes it
-        if moments.shape[-3:] != self.shape or moments.size != np.prod(self.shape):
-            raise UserError(f"latent file {path} has shape {moments.shape}, expected {self.shape} "
-                            f"(VAE mean and std at resolution/8): check --resolution")
-        return torch.from_numpy(np.ascontiguousarray(moments.reshape(self.shape))), label
+            raise UserError(f"cannot read latent file {path} as {self.shape} (the VAE's mean and "
+                            f"std at --resolution / 8): {e}") from None
 
 
 def build_dataset(args):
@@ -619,43 +589,35 @@ def build_dataset(args):
     if kind == "latents":
         dataset = LatentDataset(args.data_dir, R)
     elif kind == "folder":  # labels from the sorted class folder names
-        try:
-            dataset = datasets.ImageFolder(args.data_dir, loader=partial(load_image, resolution=R))
-        except FileNotFoundError as e:  # no class folders, or a class folder without images
-            raise UserError(f"image folder {args.data_dir}: {e}") from None
+        dataset = datasets.ImageFolder(args.data_dir, loader=partial(load_image, resolution=R))
         dataset.num_classes = len(dataset.classes)
-    elif kind == "cifar10":  # torchvision's: read from --data-dir, downloaded there if missing
+    elif kind == "cifar10":  # 32 px. Rank 0 downloads it if missing while the others wait: had
+        R = 32  # they all fetched it at once, they would have overwritten each other's files
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if not first:
+            dist.barrier()
         args.data_dir = args.data_dir or "data/cifar10"
-        made = [d for d in (args.data_dir, os.path.dirname(args.data_dir)) if not os.path.isdir(d)]
-        try:
-            dataset = datasets.CIFAR10(args.data_dir, download=True, transform=to_tensor)
-        except Exception as e:  # offline, and not there: leave no folder behind that it made
-            for folder in made:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise UserError(f"CIFAR-10 is not in {args.data_dir} and cannot be downloaded ({e})")
-        R = 32
+        dataset = datasets.CIFAR10(args.data_dir, download=first, transform=to_tensor)
+        if first and dist.is_initialized():
+            dist.barrier()
     elif kind == "synthetic":  # --bench: random inputs and labels, the shape of --bench-shape
+        R = args.bench_shape[1]
         labels = torch.arange(64 * args.batch_size) % args.num_classes
         dataset = TensorDataset(torch.randn(len(labels), *args.bench_shape), labels)
-        dataset.num_classes = args.num_classes
-        R = args.bench_shape[1]
     else:
         dataset = ShapesDataset(R)
-    channels = {"latents": 4, "synthetic": args.bench_shape[0]}.get(kind, 3)
-    args.in_channels, args.input_size = channels, R // 8 if kind == "latents" else R
-    found = getattr(dataset, "num_classes", 10)
-    if (args.num_classes or found) < found:
-        raise UserError(f"--num-classes {args.num_classes} is below the data's {found} classes")
-    args.num_classes = args.num_classes or found
-    args.dataset, args.resolution = kind, R  # as inferred
+    args.dataset = kind
+    args.resolution = R
+    args.in_channels = {"latents": 4, "synthetic": args.bench_shape[0]}.get(kind, 3)
+    args.input_size = R // 8 if kind == "latents" else R
+    args.num_classes = args.num_classes or getattr(dataset, "num_classes", 10)
     # The paper trains on 256 tokens (the 4x32x32 SD-VAE latents of a 256 px image, patch 2);
     # 256 px pixels at patch 2 would be 16,384 tokens: some 200x the FLOPs of a step
-    size, tokens = args.input_size, (args.input_size // int(args.model.split("/")[1])) ** 2
-    space = "latents" if channels == 4 else "pixels"
-    args.input_space = f"{space} {channels}x{size}x{size}, {tokens} tokens"
+    tokens = (args.input_size // int(args.model.split("/")[1])) ** 2
     if tokens > 4096 and not args.encode:
-        raise UserError(f"{args.model} on {args.input_space} per image (the paper: 256): encode "
-                        f"them (sra.py --encode DIR), or lower --resolution, or a bigger patch")
+        raise UserError(f"{args.model} on {args.input_size} px images is {tokens} tokens (the "
+                        f"paper: 256): encode them (sra.py --encode DIR), or lower --resolution, "
+                        f"or a bigger patch")
     return dataset
 
 
@@ -668,16 +630,14 @@ class ResumableSampler(DistributedSampler):
 
 
 def epochs_of(loader, sampler, first_epoch):
-    """(epoch, x, y) forever, from `first_epoch` on; the sampler's `skip` applies to it alone."""
+    """(x, y) forever, epoch after epoch from `first_epoch`; the sampler's skip applies to it."""
     for epoch in itertools.count(first_epoch):
         sampler.set_epoch(epoch)  # the shuffled order is a function of (seed, epoch)
         batches = iter(loader)
         # PyTorch's SIGCHLD handler raises a dead worker's error at whatever line the trainer is
-        # on (inside torch.save, say). Without it, the error comes at the next fetch, between two
-        # steps, where the loop can still write a checkpoint (step 1 of the loop).
+        # on (inside torch.save, say); without it, the next fetch fails, between two steps
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for x, y in batches:
-            yield epoch, x, y
+        yield from batches
         sampler.skip = 0
 
 
@@ -694,125 +654,87 @@ def prepare_batch(x, kind, generator):
 
 def load_vae(name, device):
     """The SD-VAE in fp32, eval mode: `ema` or `mse` (stabilityai/sd-vae-ft-*, fetched once by
-    diffusers), or a folder of diffusers weights (save_pretrained's: for machines offline).
+    diffusers), or a folder that AutoencoderKL.save_pretrained wrote (for machines offline).
     diffusers is imported only here, so everything else runs without it."""
-    source = f"stabilityai/sd-vae-ft-{name}" if name in ("ema", "mse") else name
     try:
         from diffusers import AutoencoderKL
-        # low_cpu_mem_usage=False: what diffusers falls back to without the accelerate package,
-        # said here so that it does not print its six-line advice to install accelerate
-        return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False).to(device).eval()
     except ImportError:
         raise UserError("the SD-VAE needs diffusers: pip install diffusers") from None
-    except Exception as e:  # offline, or not a folder of diffusers weights
-        raise UserError(f"cannot load the SD-VAE {source} ({error_line(e)}): --vae takes ema, "
-                        f"mse or a folder that AutoencoderKL.save_pretrained wrote") from None
+    source = f"stabilityai/sd-vae-ft-{name}" if name in ("ema", "mse") else name
+    # low_cpu_mem_usage=False: what diffusers does without accelerate, minus its advice
+    return AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False).to(device).eval()
 
 
 @torch.no_grad()
 def encode_latents(args):
     """--encode DIR: the image folder --data-dir -> DIR/vae-sd/, the layout LatentDataset reads.
 
-    As the official preprocessing (EDM2's dataset tool) makes it: the ADM crop at --resolution,
-    pixels in [-1, 1], the SD-VAE in fp32, one float32 .npy (8, R/8, R/8) per image holding the
-    posterior's mean and std. Unlike it: batched, sharded over torchrun processes, resumable.
-    Batches are cut at fixed index multiples, so an image's bytes depend neither on the process
-    count nor on interruptions; a rerun makes only the missing files, each written atomically;
-    dataset.json comes last, once every file exists.
+    As the official preprocessing (EDM2's dataset tool): the ADM crop, pixels in [-1, 1], the
+    SD-VAE in fp32, one float32 .npy (8, R/8, R/8) per image, the posterior's mean and std. Unlike
+    it: batched, shared over torchrun processes, resumable. Batches are cut at fixed index
+    multiples, so the bytes depend neither on the process count nor on interruptions; a rerun makes
+    only the missing files; dataset.json comes last.
     """
     ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
     args.dataset = "folder"
-    dataset = build_dataset(args)  # ImageFolder: labels from the sorted class folder names
-    out = Path(args.encode, "vae-sd")
-    vae_name = args.vae if args.vae in ("ema", "mse") else os.path.abspath(args.vae)
-    made_by = json.dumps({"resolution": args.resolution, "vae": vae_name})  # one encoding only
-    marker = out / "encoding.json"
+    dataset = build_dataset(args)
     vae = load_vae(args.vae, device)
-    if rank == 0 and out.exists() and not (marker.exists() and marker.read_text() == made_by):
-        raise UserError(f"{out} holds another encoding, not {made_by}: choose another --encode "
-                        f"folder (the two must not mix)")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(marker, methodcaller("write", made_by.encode()))  # (before any latent)
+    out = Path(args.encode, "vae-sd")
     files = [out / (os.path.relpath(path, args.data_dir) + ".npy") for path, _ in dataset.samples]
-    N, B = len(files), args.batch_size
-    batches = [range(start, min(start + B, N)) for start in range(0, N, B)]
+    starts = range(0, len(files), args.batch_size)
+    batches = [range(i, min(i + args.batch_size, len(files))) for i in starts]
     todo = [batch for batch in batches if not all(files[i].exists() for i in batch)]
     if ddp:
         dist.barrier()  # every process has listed what is missing before any writes
-    mine = todo[rank::world_size]
+    mine = todo[rank::world_size]  # whole batches, round-robin over the processes
     loader = DataLoader(dataset, batch_sampler=mine, num_workers=args.num_workers)
-    with tqdm(total=N, initial=N - sum(map(len, todo)), unit="img", disable=rank != 0,
-              desc=f"encoding {args.resolution} px images with {vae_name}") as bar:
+    with tqdm(total=len(files), initial=len(files) - sum(map(len, todo)), unit="img",
+              disable=rank != 0, desc=f"encoding {args.resolution} px images") as bar:
         for indices, (x, _) in zip(mine, loader):
             posterior = vae.encode(x.to(device)).latent_dist
             moments = torch.cat([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
             for i, array in zip(indices, moments):  # (8, R/8, R/8) each
-                if not files[i].exists():
-                    files[i].parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write(files[i], partial(np.save, arr=array), "latent file")
+                files[i].parent.mkdir(parents=True, exist_ok=True)
+                buffer = io.BytesIO()  # (np.save to a file writes through C stdio, which can
+                np.save(buffer, array)  # lose an error: a full disk)
+                with atomic_write(files[i], "latent file") as f:
+                    f.write(buffer.getbuffer())
             bar.update(len(indices) * world_size)  # (the other processes' pace taken as ours)
     if ddp:
         dist.barrier()  # every file is written (a process that failed ended the job)
     if rank == 0:
         labels = [[str(f.relative_to(out)), label] for f, (_, label) in zip(files, dataset.samples)]
-        listing = json.dumps({"labels": labels}).encode()
-        atomic_write(out / "dataset.json", methodcaller("write", listing))  # f.write(listing)
-        print(f"wrote {N} latents and {out}/dataset.json: train with --data-dir {args.encode}")
-    if ddp:
-        dist.destroy_process_group()
+        with atomic_write(out / "dataset.json") as f:
+            f.write(json.dumps({"labels": labels}).encode())
+        print(f"wrote {len(files)} latents to {out}: train with --data-dir {args.encode}")
 
 
-# ==================================================================================================
-# Helpers: distributed setup, logging, checkpoints, FLOPs, preemption
-# ==================================================================================================
+# ==== Helpers: distributed setup, files, FLOPs, preemption, logging ===============================
 
 def setup_distributed(timeout_s=1800):
-    """-> (ddp, rank, world_size, device). DDP when torchrun set RANK. The GPU is LOCAL_RANK's:
-    the global rank would point past the GPUs of a node."""
+    """-> (ddp, rank, world_size, device). DDP when torchrun set RANK. The GPU is LOCAL_RANK's (the
+    global rank would point past a node's GPUs), modulo the GPUs that this process sees."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return False, 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    if not dist.is_initialized():  # (--bench runs main twice in one process group)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
-class Logger:
-    """Rank 0's output: lines on stdout (above tqdm's progress bar), log.txt and metrics.jsonl."""
-
-    def __init__(self, run_dir, quiet):
-        self.run_dir, self.quiet = run_dir, quiet  # (quiet: ranks but 0, and the benchmark)
-
-    def write(self, name, line):
-        """Append a line to a file of the run folder."""
-        if self.run_dir and os.path.isdir(self.run_dir) and not self.quiet:  # once it exists
-            with open(os.path.join(self.run_dir, name), "a") as f:
-                f.write(line + "\n")
-
-    def info(self, message):
-        """A time-stamped line on stdout and in log.txt."""
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
-        if not self.quiet:
-            tqdm.write(line, file=sys.stdout)
-            sys.stdout.flush()
-        self.write("log.txt", line)
-
-
-def atomic_write(path, write, what="file", note=""):
-    """write(f) into path.tmp, fsync, rename: a crash leaves the old file or the new one, never
-    half of one. A write that fails (a full disk, an I/O error, no permission) removes its .tmp
-    and is one line naming the file and the reason (and ending with `note`)."""
+@contextlib.contextmanager
+def atomic_write(path, what="file"):
+    """`with atomic_write(path) as f:` writes path.tmp, fsyncs and renames it: a crash leaves the
+    old file or the new one, never half of one. A write that fails (a full disk, no permission)
+    removes the .tmp and is one line naming the file and the reason."""
     try:
         with open(f"{path}.tmp", "wb") as f:
-            write(f)
+            yield f
             f.flush()
-            # numpy's np.save writes arrays with C stdio, which can lose a failed write without a
-            # word (a full disk, a file-size limit): the file is then shorter than its position
-            if os.fstat(f.fileno()).st_size < f.tell():
-                raise OSError("a write did not reach the file (is the disk full?)")
             os.fsync(f.fileno())
         os.replace(f"{path}.tmp", path)  # atomic: readers see the old file or the new one
     except (OSError, RuntimeError) as e:
@@ -820,74 +742,7 @@ def atomic_write(path, write, what="file", note=""):
             os.remove(f"{path}.tmp")
         cause = e if isinstance(e, OSError) else e.__context__  # torch.save wraps the OSError
         reason = getattr(cause, "strerror", None) or error_line(e)
-        raise UserError(f"cannot write {what} {path}: {reason}{note}") from None
-
-
-def load_checkpoint(path):
-    """A training checkpoint of sra.py, loaded with weights_only=True: no code in it can run."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # official ones hold args
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a loadable checkpoint ({error_line(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "ema", "opt", "step", "args"} <= ckpt.keys():
-        raise UserError(f"{path} is not a training checkpoint of sra.py (of the official SRA/REPA "
-                        f"trainer? sample.py reads those: python sample.py --ckpt {path})")
-    return ckpt
-
-
-# What makes a run what it is: a resumed run may not change it (the model, the data's shape, the
-# objective, the random streams)
-FIXED_SETTINGS = {"model", "learn_sigma", "num_classes", "cfg_prob", "dataset", "resolution",
-                  "path_type", "prediction", "weighting", "no_sra", "block_out_s", "block_out_t",
-                  "t_max", "loss_type", "mixed_precision", "seed"}
-
-
-def saved_settings(args):
-    """The settings of the run that --resume continues, from its args.json ({} if it has none):
-    the run folder of --output-dir/--exp-name for `auto`, the checkpoint's own for a path."""
-    run_dir = Path(args.output_dir, args.exp_name) if args.resume == "auto" else (
-        Path(args.resume).absolute().parent.parent)  # <run>/checkpoints/NNNNNNN.pt
-    path = run_dir / "args.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    # the run goes on in its folder, wherever that is now (moved, or named from another folder)
-    return saved and {**saved, "output_dir": str(run_dir.parent), "exp_name": run_dir.name}
-
-
-def list_checkpoints(run_dir):
-    """The step checkpoints of a run, newest first (unfinished *.tmp files are never listed)."""
-    paths = glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
-    return sorted((p for p in paths if os.path.basename(p)[:-3].isdigit()), reverse=True)
-
-
-def find_resume_checkpoint(resume, run_dir, log):
-    """--resume -> (path, checkpoint): PATH's; for `auto`, the newest checkpoint of run_dir that
-    loads (unreadable ones, from a crash or a full disk, are reported and skipped), or (None,
-    None), as without --resume."""
-    if resume != "auto":
-        return resume, resume and load_checkpoint(resume)
-    for path in list_checkpoints(run_dir):
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:
-            log(f"warning: {e}; trying an older checkpoint")
-    log(f"--resume auto: no loadable checkpoint in {run_dir}, starting from scratch")
-    return None, None
-
-
-def prune_checkpoints(run_dir, keep_last, keep_every, current):
-    """Delete all but the newest `keep_last` checkpoints up to step `current` (the one just
-    written), sparing multiples of `keep_every`: a newer, unreadable file never pushes the fresh
-    checkpoint out."""
-    steps = {path: int(os.path.basename(path)[:-3]) for path in list_checkpoints(run_dir)}
-    older = [path for path, step in steps.items() if step <= current]  # newest first
-    for path in older[keep_last:]:
-        if not (keep_every and steps[path] % keep_every == 0):
-            os.remove(path)
-
-
-# Dense bf16/fp16 tensor-core peaks in TFLOP/s (SXM parts), for MFU
-PEAK_TFLOPS = {"A100": 312, "H100": 989, "H200": 989}
+        raise UserError(f"cannot write {what} {path}: {reason}") from None
 
 
 def forward_flops(model, depth=None):
@@ -895,7 +750,8 @@ def forward_flops(model, depth=None):
     layer. 2 FLOPs per multiply-add (DiT's "118.6 GFLOPs" counts multiply-adds). Per block: the
     qkv, proj and MLP matmuls 24 T D^2, attention 4 T^2 D, adaLN 12 D^2; patch embedding
     2 T p^2 C D; final layer 2 T D p^2 C_out + 4 D^2."""
-    T, D = (model.input_size // model.patch_size) ** 2, model.hidden_size  # tokens, width
+    T = (model.input_size // model.patch_size) ** 2  # tokens
+    D = model.hidden_size
     flops = (depth or len(model.blocks)) * (24 * T * D * D + 4 * T * T * D + 12 * D * D)
     flops += 2 * T * model.patch_size ** 2 * model.in_channels * D  # the patch embedding
     if depth is None:  # the final layer
@@ -911,6 +767,13 @@ def train_flops(model, args):
     return 3 * forward_flops(model) + (0 if args.no_sra else sra_flops)
 
 
+def peak_flops(device):
+    """A known GPU's dense bf16/fp16 peak in FLOP/s (SXM parts), for MFU; else None."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peaks = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+    return next((peak for gpu, peak in peaks.items() if gpu in name), None)
+
+
 # SIGTERM (a scheduler's preemption, a time limit) only sets this flag: the loop finishes its
 # step, writes a checkpoint and exits 0
 STOP_REQUESTED = threading.Event()
@@ -921,9 +784,95 @@ def on_sigterm(signum, frame):
     STOP_REQUESTED.set()
 
 
-# ==================================================================================================
-# Training
-# ==================================================================================================
+def next_micro_batches(batches, accum):
+    """The next step's micro-batches, or None once a SIGTERM came. Fetched between two steps, so
+    a DataLoader worker that dies (a scheduler signals every process of a job) fails here, where
+    model, EMA, optimizer and random stream hold a completed step."""
+    try:
+        return None if STOP_REQUESTED.is_set() else [next(batches) for _ in range(accum)]
+    except Exception as e:
+        time.sleep(1)  # the SIGTERM that killed a worker may reach this process a moment later
+        if STOP_REQUESTED.is_set():
+            return None
+        raise UserError(f"the data loader failed: {error_line(e)}") from None
+
+
+def agree_to_stop(group):
+    """Whether any rank got a SIGTERM, the same answer on every rank (over a CPU group: no GPU
+    sync), so that they all stop after the same step."""
+    flag = torch.tensor([float(STOP_REQUESTED.is_set())])
+    if group is not None:
+        dist.all_reduce(flag, group=group)
+    return flag.item() > 0
+
+
+class Progress:
+    """Rank 0's output (stdout, log.txt, metrics.jsonl) and the loop's running figures, summed on
+    the device at every step and read by the host at log steps only (where it waits for it)."""
+
+    def __init__(self, run_dir, quiet, device, step, total_steps, images_per_step, flops):
+        self.run_dir = run_dir
+        self.quiet = quiet  # ranks but 0, and the benchmark
+        self.sums = {name: torch.zeros((), device=device)
+                     for name in ("denoise", "align", "cos", "grad", "nonfinite")}
+        self.step = step  # of the last log line
+        self.total_steps = total_steps
+        self.images_per_step = images_per_step  # the global batch
+        self.flops = flops  # per image
+        self.peak = peak_flops(device)  # of one device
+        self.records = []  # what metrics.jsonl holds; main returns them
+        self.timer = time.perf_counter()
+
+    def write(self, name, line):
+        """A line at the end of a file of the run folder."""
+        if self.run_dir and not self.quiet:
+            with open(os.path.join(self.run_dir, name), "a") as f:
+                print(line, file=f)
+
+    def info(self, message):
+        """A time-stamped line on stdout and in log.txt."""
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        if not self.quiet:
+            print(line, flush=True)
+        self.write("log.txt", line)
+
+    def add(self, **values):
+        """Add device scalars to the sums (no host-device sync)."""
+        for name, value in values.items():
+            self.sums[name] += value.detach()
+
+    def log(self, step, weight, fp16, last_ckpt):
+        """The means since the last log line (over ranks too), checked, as a line and a record.
+        Nothing non-finite is logged as progress or checkpointed (fp16's scaler skips its own)."""
+        n = step - self.step
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        sums = torch.stack(list(self.sums.values())) / world_size / n
+        if world_size > 1:
+            dist.all_reduce(sums)
+        mean = dict(zip(self.sums, sums.tolist()))
+        if not math.isfinite(mean["denoise"] + mean["align"]) or (mean["nonfinite"] and not fp16):
+            raise UserError(f"non-finite loss or gradient by step {step}; stopping. Last good "
+                            f"checkpoint: {last_ckpt} (resume from it, maybe with a lower lr)")
+        seconds = (time.perf_counter() - self.timer) / n  # per step
+        images_per_s = self.images_per_step / seconds
+        mfu = self.flops * images_per_s / world_size / self.peak if self.peak else None
+        self.records.append(dict(
+            step=step, gen_loss=mean["denoise"], align_loss=mean["align"], align_cos=mean["cos"],
+            align_weight=weight, grad_norm=mean["grad"], skipped_steps=round(n * mean["nonfinite"]),
+            step_s=seconds, img_per_s=images_per_s, mfu=mfu))
+        self.write("metrics.jsonl", json.dumps(self.records[-1]))
+        loss = mean["denoise"] + weight * mean["align"]
+        self.info(f"step {step}/{self.total_steps} | loss {loss:.4f} | denoise "
+                  f"{mean['denoise']:.4f} | align {mean['align']:.4f} (cos {mean['cos']:.3f}) | grad {mean['grad']:.3f}"
+                  f" | {images_per_s:.1f} img/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
+                  + f" | ETA {(self.total_steps - step) * seconds / 60:.1f} min")
+        for value in self.sums.values():
+            value.zero_()
+        self.step = step
+        self.timer = time.perf_counter()
+
+
+# ==== Training ====================================================================================
 
 def build(args, device):
     """The model (with the projector unless --no-sra), its EMA teacher, AdamW and the fp16 loss
@@ -946,43 +895,83 @@ def build(args, device):
     return model, ema, opt, scaler
 
 
+def resume(args, run_dir, parts):
+    """Load the checkpoint that --resume names (auto: the run folder's newest, if any) into the
+    parts -> (its path, its contents), or (None, None). weights_only: no code in it can run;
+    mmap: the ranks of a node share its pages instead of holding a copy each."""
+    saved = sorted(Path(run_dir or ".", "checkpoints").glob("[0-9]*.pt"))  # (never a *.tmp)
+    if saved and not args.resume:  # a run folder that holds a run is never written into
+        raise UserError(f"{run_dir} has a run: continue with --resume auto, or another --exp-name")
+    path = (saved[-1] if saved else None) if args.resume == "auto" else args.resume
+    if not path:
+        return None, None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official ones hold args
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key, part in parts.items():
+            part.load_state_dict(ckpt[key])
+    except Exception as e:  # PyTorch's lines name the keys and shapes that do not fit
+        raise UserError(f"cannot resume from {path}: {' '.join(str(e).split())[:300]}") from None
+    return str(path), ckpt
+
+
 def run_length(args, steps_per_epoch):
     """The optimizer steps of a run: --max-train-steps when it is given, else --epochs epochs."""
     return args.epochs * steps_per_epoch if args.max_train_steps is None else args.max_train_steps
 
 
-def main(args):
-    """Train a DiT/SiT with SRA (vanilla with --no-sra). With --bench, the same loop runs on
-    synthetic batches, writes nothing, and returns its timings."""
-    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+def speed_up(model, ema, args, ddp, device, log):
+    """DDP, then torch.compile of the student and of the teacher's partial forward. A machine that
+    cannot compile trains eagerly, says so, and turns args.compile off (the bench reports it)."""
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:  # after DDP, so that DDP's bucketed all-reduce overlaps the compiled backward
+        try:
+            torch.compile(torch.sin)(torch.zeros(1, device=device))  # can this machine compile?
+            torch._dynamo.config.suppress_errors = True  # a graph that still fails runs eagerly
+            model = torch.compile(model)
+            ema.forward_features = torch.compile(ema.forward_features)
+        except Exception as e:
+            log(f"torch.compile failed ({error_line(e)}): training without it")
+            args.compile = False
+    return model
 
-    # ---- Resume from a checkpoint (parse_args took the run's settings from its args.json). Every
-    # input check passes before the run folder is made.
+
+def save_checkpoint(path, parts, generator, args, step):
+    """Rank 0 writes the parts (model, EMA, AdamW, loss scaler), the step and every rank's random
+    stream, atomically. A write that fails (a full disk) ends the run in one line, the last good
+    checkpoint intact; under torchrun the other ranks go with it (torchrun stops them)."""
+    streams = [generator.get_state()]
+    if dist.is_initialized():
+        streams = [None] * dist.get_world_size()
+        dist.all_gather_object(streams, generator.get_state())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = {key: part.state_dict() for key, part in parts.items()}
+        state.update(args=vars(args), step=step, rng=streams)
+        with atomic_write(path, "checkpoint") as f:
+            torch.save(state, f)
+
+
+def main(args):
+    """Train a DiT/SiT with SRA (vanilla with --no-sra); return the logged records. With --bench
+    the same loop runs on synthetic batches and writes nothing."""
+    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
+    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+    torch.backends.cudnn.allow_tf32 = args.allow_tf32
     run_dir = None if args.bench else os.path.abspath(os.path.join(args.output_dir, args.exp_name))
-    if run_dir and list_checkpoints(run_dir) and not args.resume:
-        raise UserError(f"{run_dir} has a run: continue with --resume auto, or another --exp-name")
-    logger = Logger(run_dir, quiet=rank != 0 or args.bench)
-    resume_path, ckpt = find_resume_checkpoint(args.resume, run_dir, logger.info)
     dataset = build_dataset(args)
     model, ema, opt, scaler = build(args, device)
-    raw_model = model  # the plain module, for state dicts and the EMA, whatever wraps `model`
-    parts = {"model": raw_model, "ema": ema, "opt": opt, "scaler": scaler}  # what checkpoints hold
-    if ckpt is not None:  # the checkpoint fits the model (the run's own settings) unless edited
-        try:
-            for key, part in parts.items():
-                part.load_state_dict(ckpt[key])
-        except (RuntimeError, ValueError, KeyError) as e:  # PyTorch's lines name keys and shapes
-            reason = " ".join(str(e).split())[:400]
-            raise UserError(f"{resume_path} does not fit {args.model}: {reason}")
+    parts = {"model": model, "ema": ema, "opt": opt, "scaler": scaler}  # what checkpoints hold
+    last_ckpt, ckpt = resume(args, run_dir, parts)
+    step = ckpt["step"] if ckpt else 0
 
     # ---- Random streams. Training randomness (label dropout, noise, times, flips, latents) comes
     # from one generator per rank, seeded seed * world_size + rank, and checkpoints hold every
     # rank's state: a resumed run draws the very numbers the interrupted one would have drawn.
-    # (Resumed with another process count, the old streams cannot be replayed: fresh ones.)
-    step = 0 if ckpt is None else ckpt["step"]
-    generator = torch.Generator(device).manual_seed(args.seed * world_size + rank + 1000003 * step)
-    if ckpt is not None and len(ckpt["rng"]) == world_size:
+    # (Resumed with another process count, the streams start again from the seed.)
+    generator = torch.Generator(device).manual_seed(args.seed * world_size + rank)
+    if ckpt and len(ckpt["rng"]) == world_size:
         generator.set_state(ckpt["rng"][rank])
 
     # ---- Data. Each rank reads its shard of a shuffled order that depends only on (seed, epoch),
@@ -1001,195 +990,118 @@ def main(args):
     if run_dir and rank == 0:  # every input check has passed: now the run folder is made
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         Path(run_dir, "args.json").write_text(json.dumps(vars(args), indent=2))
-    if ckpt is not None:
-        logger.info(f"resumed from {resume_path} at step {step}, with the run's settings"
-                    + "".join(f"; {change}" for change in args.changes))
 
-    # ---- Speed: DDP, then torch.compile; bf16 autocast; the DiT tables live on the device
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
+    # ---- Logging; speed: DDP and torch.compile, autocast, DiT's tables on the device; the stop
+    # vote's CPU group (as quick to give up on a hung peer as the main group)
+    batch = args.batch_size * accum * world_size  # the global batch of one optimizer step
+    progress = Progress(run_dir, rank != 0 or args.bench, device, step, total_steps, batch,
+                        train_flops(model, args))
+    if ckpt:
+        progress.info(f"resumed from {last_ckpt} at step {step}, with the run's settings"
+                      + "".join(f"; {change}" for change in args.changes))
+    raw_model = model  # the plain module, for the EMA and clipping, whatever wraps `model`
+    model = speed_up(model, ema, args, ddp, device, progress.info)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     diffusion = GaussianDiffusion.linear(device=device) if args.family == "DiT" else None
-    if args.compile:  # after DDP, so that DDP's bucketed all-reduce overlaps the compiled backward
-        try:
-            torch.compile(torch.sin)(torch.zeros(1, device=device))  # can this machine compile?
-            torch._dynamo.config.suppress_errors = True  # a graph that still fails runs eagerly
-            model = torch.compile(model)
-            ema.forward_features = torch.compile(ema.forward_features)  # the teacher's forward
-        except Exception as e:
-            logger.info(f"torch.compile failed ({error_line(e)}): training without it")
     ema_params = list(ema.parameters())
     model_params = [raw_model.get_parameter(name) for name, _ in ema.named_parameters()]
-    flops_per_image = train_flops(raw_model, args)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
     signal.signal(signal.SIGTERM, on_sigterm)
-    # a CPU group for the stop flag, as quick to give up on a hung peer as the main group
     timeout = timedelta(seconds=args.dist_timeout)
     stop_group = dist.new_group(backend="gloo", timeout=timeout) if ddp else None
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
-               disable=logger.quiet or not sys.stdout.isatty())  # on a terminal only
-    # Running sums on the device (denoising loss, alignment loss, cosine, gradient norm, steps
-    # with a non-finite gradient), read by the host only at log and checkpoint steps
-    sums = torch.zeros(5, device=device)
-    skipped_steps = 0
-    last_ckpt = resume_path or "none yet"
-    saved_step = logged_step = step
-    step_times = []
-    timer = time.perf_counter()
-    batch = args.batch_size * world_size * accum  # the global batch of one optimizer step
-    logger.info(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M parameters) "
-                f"on {args.input_space}, {world_size} process(es) on {device}, global batch "
-                f"{batch}, steps {step} -> {total_steps}; every setting is in args.json")
+    progress.info(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M "
+                  f"parameters) on {args.in_channels}x{args.input_size}x{args.input_size} inputs, "
+                  f"{world_size} process(es) on {device}, global batch {batch}, steps {step} -> "
+                  f"{total_steps}; every setting is in args.json")
 
-    # ==============================================================================================
-    # The training loop. Between two steps (and before the first): the next step's data, whether
-    # to stop, checks, logging, checkpoints. Then one optimizer step.
-    # ==============================================================================================
-    while True:
-        # 1. The next step's micro-batches. Fetched here, between two steps, a dead DataLoader
-        #    worker (a scheduler signals every process of a job; an OOM killer) is an error at a
-        #    point where model, EMA, optimizer and random stream hold a completed step.
-        if step < total_steps and not STOP_REQUESTED.is_set():
-            try:
-                micro_batches = [next(batches) for _ in range(accum)]
-            except (RuntimeError, OSError, EOFError) as e:  # (OSError: it died mid-batch)
-                time.sleep(1)  # a SIGTERM to this process, or the worker's end, may lag behind
-                if not STOP_REQUESTED.is_set():  # (its SIGTERM reached us too: stop, below)
-                    # name the dead worker if PyTorch did not: a look, without reaping it (Linux)
-                    waitid = getattr(os, "waitid", None)
-                    dead = waitid and waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-                    cause = f"DataLoader worker (pid {dead.si_pid}) died" if dead else error_line(e)
-                    raise UserError(f"the data loader failed after step {step} ({cause}); last "
-                                    f"good checkpoint: {last_ckpt}") from None
-        # 2. Stop? After a SIGTERM to any rank, they all stop after the same step: they agree over
-        #    the CPU group (no GPU sync) before any starts a step that another would not finish.
-        flag = torch.tensor([float(STOP_REQUESTED.is_set())])  # on the CPU
-        if ddp:
-            dist.all_reduce(flag, group=stop_group)
-        stopping = flag.item() > 0
-        log_now = step > logged_step and (step % args.log_every == 0 or step == total_steps)
-        save_now = step > saved_step and (step % args.checkpoint_steps == 0
-                                          or step == total_steps or stopping)
-        # 3. Check the sums: the only place where the host waits for the device. Nothing
-        #    non-finite is ever logged as progress or checkpointed.
-        if log_now or save_now:
-            if ddp:  # the mean over ranks (a mean of equal means is that mean, so this is safe)
-                dist.all_reduce(sums)
-                sums /= world_size
-            denoise, align, cos, grad, nonfinite = sums.tolist()
-            if not math.isfinite(denoise + align) or (nonfinite and not scaler.is_enabled()):
-                raise UserError(f"non-finite loss or gradient by step {step}; stopping. Last good "
-                                f"checkpoint: {last_ckpt} (resume from it, maybe with a lower lr)")
-        # 4. Log: one line, one JSON record in metrics.jsonl
-        if log_now:
-            n = step - logged_step
-            elapsed = time.perf_counter() - timer
-            step_times.append(elapsed / n)
-            skipped_steps += round(nonfinite)
-            denoise, align, cos, grad = denoise / n, align / n, cos / n, grad / n
-            images_per_s = n * batch / elapsed
-            mfu = flops_per_image * images_per_s / world_size / peak / 1e12 if peak else None
-            mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu else ""  # where the GPU's peak is known
-            logger.info(f"step {step}/{total_steps} | loss {denoise + weight * align:.4f} | "
-                        f"denoise {denoise:.4f} | align {align:.4f} (cos {cos:.3f}) | "
-                        f"grad {grad:.3f} | {images_per_s:.1f} img/s{mfu_text} | "
-                        f"ETA {(total_steps - step) * elapsed / n / 60:.1f} min")
-            logger.write("metrics.jsonl", json.dumps(dict(step=step, epoch=epoch, gen_loss=denoise,
-                align_loss=align, align_cos=cos, align_weight=weight, grad_norm=grad, mfu=mfu,
-                lr=opt.param_groups[0]["lr"], img_per_s=images_per_s, skipped_steps=skipped_steps)))
-            sums.zero_()
-            timer, logged_step = time.perf_counter(), step  # the next interval starts
-        # 5. Checkpoint: rank 0 writes the parts, the step and every rank's random stream,
-        #    atomically; only then are old checkpoints pruned. A write that fails (a full disk)
-        #    ends the run; under torchrun the other ranks go with it (torchrun stops them).
-        if save_now and run_dir:  # (the benchmark saves nothing)
-            rng = [generator.get_state()] * world_size
-            if ddp:
-                dist.all_gather_object(rng, generator.get_state())
-            path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-            if rank == 0:
-                state = {key: part.state_dict() for key, part in parts.items()}
-                state.update(args=vars(args), step=step, epoch=epoch, rng=rng)
-                atomic_write(path, partial(torch.save, state), "checkpoint",
-                             note=f"; last good checkpoint: {last_ckpt}")
-            last_ckpt, saved_step = path, step
-            if args.keep_last and rank == 0:
-                prune_checkpoints(run_dir, args.keep_last, args.keep_every, current=step)
-            logger.info(f"saved checkpoint {path}")
-        if stopping:
-            logger.info(f"SIGTERM: stopped at step {step}; continue with --resume auto")
-        if stopping or step == total_steps:
-            break
-
-        # ---- One optimizer step
+    # ---- The training loop: one optimizer step per iteration, then logging and checkpoints
+    micro_batches = next_micro_batches(batches, accum)  # (None after a SIGTERM)
+    stopping = agree_to_stop(stop_group) or step >= total_steps
+    while not stopping:
         weight = align_weight(step, args.align_weight, args.align_decay_start,
                               args.align_decay_steps)
-        # 6. Micro-batches. DDP all-reduces gradients during backward; no_sync skips that on all
-        #    but the last micro-batch, so a step costs one all-reduce.
-        for micro, (epoch, x, y) in enumerate(micro_batches):
+        for micro, (x, y) in enumerate(micro_batches):
+            # 1. The batch, on the device: latents drawn from their posterior, images flipped
             x = prepare_batch(x.to(device, non_blocking=True), args.dataset, generator)
             y = y.to(device, non_blocking=True)
+            # DDP all-reduces gradients in backward: no_sync skips it on all but the last one
             with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
-                # 7. The SRA loss: L = L_denoise + lambda * L_align (student vs EMA teacher)
+                # 2. The SRA loss: L = L_denoise + lambda * L_align (student vs EMA teacher)
                 with autocast:
                     denoise, align, cos = training_losses(model, ema, x, y, args, diffusion,
                                                           generator)
                     loss = (denoise + weight * align) / accum
-                # 8. Backward; fp16 scales the loss so that small gradients do not underflow
+                # 3. Backward; fp16 scales the loss so that small gradients do not underflow
                 scaler.scale(loss).backward()
-            sums[:3] += torch.stack([denoise.detach(), align.detach(), cos]) / accum
-        # 9. Unscale and clip. A non-finite norm is an fp16 overflow: the scaler skips this step
-        #    and lowers its scale. In bf16/fp32 it stops the run at the next check.
+            progress.add(denoise=denoise / accum, align=align / accum, cos=cos / accum)
+        # 4. Unscale and clip. A non-finite norm is an fp16 overflow: the scaler skips this step
+        #    and lowers its scale (in bf16/fp32 the next log line stops the run)
         scaler.unscale_(opt)
         grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
         finite = torch.isfinite(grad_norm)
-        sums[3:] += torch.stack([torch.where(finite, grad_norm, 0.0), (~finite).float()])
-        # 10. The optimizer step (a plain opt.step() when the scaler is off), then the EMA teacher
-        #     follows the student
+        progress.add(grad=torch.where(finite, grad_norm, 0.0), nonfinite=(~finite).float())
+        # 5. The optimizer step (a plain opt.step() when the scaler is off)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        # 6. The EMA teacher follows the student
         update_ema(ema_params, model_params, args.ema_decay)
         step += 1
-        bar.update()
-
-    bar.close()
-    logger.info(f"done: {step} steps, last checkpoint {last_ckpt}")
-    if ddp:
-        dist.destroy_process_group()
-    # The benchmark's figures: the median of the timed steps, each clocked at a log step (where
-    # the host waits for the device). Images/s and TFLOP/s count the whole job; MFU is per GPU.
-    seconds = statistics.median(step_times[BENCH_WARMUP:] or [math.nan])
-    tflops = flops_per_image * batch / seconds / 1e12  # the whole job
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return dict(model=args.model, sra=not args.no_sra, batch=args.batch_size,
-                shape=args.bench_shape, dtype=args.mixed_precision.replace("no", "fp32"),
-                device=device_name, world_size=world_size, compile=args.compile,
-                grad_checkpointing=args.grad_checkpointing, step_s_median=seconds,
-                img_per_s=batch / seconds, peak_mem_gb=peak_mem, flops_per_img=flops_per_image,
-                tflops=tflops, mfu=tflops / world_size / peak if peak else None)
+        # 7. Between two steps: the next step's data, then every rank agrees whether to stop
+        micro_batches = next_micro_batches(batches, accum) if step < total_steps else None
+        stopping = agree_to_stop(stop_group) or step == total_steps
+        save_now = step % args.checkpoint_steps == 0 or stopping
+        # 8. Log; at a checkpoint too, so that nothing non-finite is saved
+        if step % args.log_every == 0 or save_now:
+            progress.log(step, weight, scaler.is_enabled(), last_ckpt)
+        # 9. Checkpoint: the state after `step` optimizer steps (the benchmark saves nothing)
+        if save_now and run_dir:
+            last_ckpt = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+            save_checkpoint(last_ckpt, parts, generator, args, step)
+            progress.info(f"saved checkpoint {last_ckpt}")
+    if step < total_steps:
+        progress.info(f"SIGTERM: stopped at step {step}; continue with --resume auto")
+    progress.info(f"done: {step} steps, last checkpoint {last_ckpt}")
+    return progress.records
 
 
 BENCH_WARMUP = 2  # untimed steps first: the first step allocates (and compiles, with --compile)
 
 
 def bench(args):
-    """--bench: main()'s training loop on synthetic batches, vanilla then SRA, logging every step;
-    one JSON line each. Under torchrun it measures the DDP step."""
-    vanilla = main(argparse.Namespace(**{**vars(args), "no_sra": True}))
-    with_sra = main(argparse.Namespace(**{**vars(args), "no_sra": False}))
-    with_sra["sra_overhead_ratio"] = with_sra["step_s_median"] / vanilla["step_s_median"]
-    with_sra["flop_ratio"] = with_sra["flops_per_img"] / vanilla["flops_per_img"]
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(vanilla), json.dumps(with_sra), sep="\n", flush=True)
+    """--bench: main()'s training loop on synthetic batches, vanilla then SRA, logging (and so
+    timing) every step; one JSON line each. Under torchrun it measures the DDP step."""
+    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
+    cuda = device.type == "cuda"
+    lines = []
+    for no_sra in (True, False):
+        run = argparse.Namespace(**{**vars(args), "no_sra": no_sra})
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not the one before
+        records = main(run)  # (it fills in the data's settings, and turns a failed compile off)
+        seconds = statistics.median(record["step_s"] for record in records[BENCH_WARMUP:])
+        with torch.device("meta"):  # the model without memory, for its FLOPs
+            model = MODELS[run.model](input_size=run.input_size, in_channels=run.in_channels,
+                                      learn_sigma=run.learn_sigma)
+        flops = train_flops(model, run)
+        batch = args.batch_size * args.gradient_accumulation_steps * world_size
+        peak = peak_flops(device)
+        lines.append(dict(
+            model=run.model, sra=not no_sra, batch=args.batch_size, shape=args.bench_shape,
+            dtype=run.mixed_precision.replace("no", "fp32"), world_size=world_size,
+            device=torch.cuda.get_device_name(device) if cuda else "cpu", compile=run.compile,
+            grad_checkpointing=run.grad_checkpointing, step_s_median=seconds,
+            img_per_s=batch / seconds, flops_per_img=flops, tflops=flops * batch / seconds / 1e12,
+            peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None,
+            mfu=flops * batch / seconds / world_size / peak if peak else None))
+    lines[1]["sra_overhead_ratio"] = lines[1]["step_s_median"] / lines[0]["step_s_median"]
+    lines[1]["flop_ratio"] = lines[1]["flops_per_img"] / lines[0]["flops_per_img"]
+    if rank == 0:
+        print(*map(json.dumps, lines), sep="\n", flush=True)
+    return lines
 
 
-# ==================================================================================================
-# Command line: the flags of the official train.py work unchanged
-# ==================================================================================================
+# ==== Command line: the flags of the official train.py work unchanged =============================
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help prints each default once; a flag without a plain default describes it in words."""
@@ -1197,6 +1109,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         quiet = str(action.default) in ("None", "False")  # (0 == False, so not `in (None, False)`)
         return action.help if quiet else super()._get_help_string(action)
+
+
+# What makes a run what it is: a resumed run may not change it (the model, the data's shape, the
+# objective, the random streams)
+FIXED_SETTINGS = {"model", "learn_sigma", "num_classes", "cfg_prob", "dataset", "resolution",
+                  "path_type", "prediction", "weighting", "no_sra", "block_out_s", "block_out_t",
+                  "t_max", "loss_type", "mixed_precision", "seed"}
 
 
 def parse_args(argv=None):
@@ -1219,8 +1138,8 @@ def parse_args(argv=None):
     add("--loss-type", default="sml1", choices=["sml1", "cos"], help="alignment distance")
     add("--align-weight", type=float, help="lambda (default: 0.2 SiT, 0.04 DiT; 0.5 for cos)")
     add("--align-decay-start", type=int, default=745_596, help="step where lambda starts to decay")
-    add("--align-decay-steps", type=int,
-        help="steps per tenfold decay (default: 5004000 for sml1, 0 = constant for cos)")
+    add("--align-decay-steps", type=int, help="steps per tenfold decay (default: 5004000 for "
+        "sml1, 0 = constant for cos)")
     add("--ema-decay", type=float, default=0.9999, help="EMA (teacher) decay per step")
     add = parser.add_argument_group("data").add_argument
     add("--data-dir", help="image folder, folder with vae-sd/, CIFAR-10 root; none: built-in")
@@ -1254,40 +1173,45 @@ def parse_args(argv=None):
     add("--log-every", type=int, default=100, help="steps between log lines")
     add("--checkpoint-steps", type=int, default=50_000, help="steps between checkpoints")
     add("--resume", "--resume-ckpt", help="a checkpoint, or auto: the run folder's newest")
-    add("--keep-last", type=int, default=0, help="keep the newest K checkpoints (0: all)")
-    add("--keep-every", type=int, default=0, help="but never those at multiples of this step")
     add("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
     add = parser.add_argument_group("benchmark").add_argument
     add("--bench", action="store_true", help="time the loop on synthetic batches, print JSON")
     add("--bench-shape", type=int, nargs=3, default=[4, 32, 32], metavar=("C", "H", "W"),
         help="input shape (latents of 256 px images)")
     add("--bench-steps", type=int, help="timed steps (default: 20 on a GPU, 3 on a CPU)")
-    add("--peak-tflops", type=float, help="peak of the device for MFU (default: known GPUs)")
     args = parser.parse_args(argv)
     if args.exp_name is None:
         args.exp_name = args.model.replace("/", "-") + ("-vanilla" if args.no_sra else "-sra")
-    # A resumed run takes its settings from its args.json and the flags given now: parsed onto
-    # those settings, as argparse fills in defaults only where the namespace has no value
-    saved = saved_settings(args) if args.resume and not args.bench else {}
-    args = parser.parse_args(argv, argparse.Namespace(**saved)) if saved else args
-    changed = [key for key, old in saved.items() if getattr(args, key) != old and key != "resume"]
-    for key in sorted(set(changed) & FIXED_SETTINGS):  # (the first of them is refused)
+
+    # A resumed run takes its settings from its args.json and the flags given now (parsed onto
+    # those settings: argparse fills in defaults only where the namespace has no value). It goes
+    # on in its folder, wherever that is now: a checkpoint's is <run>/checkpoints/NNNNNNN.pt.
+    saved = {}
+    run_dir = Path(args.output_dir, args.exp_name)
+    if args.resume and args.resume != "auto":
+        run_dir = Path(args.resume).absolute().parent.parent
+    if args.resume and (run_dir / "args.json").exists() and not args.bench:
+        saved = json.loads((run_dir / "args.json").read_text())
+        saved.update(output_dir=str(run_dir.parent), exp_name=run_dir.name)
+        args = parser.parse_args(argv, argparse.Namespace(**saved))
+    changed = sorted(key for key, old in saved.items() if getattr(args, key) != old)
+    for key in set(changed) & FIXED_SETTINGS:
         raise UserError(f"--{key.replace('_', '-')} cannot change in a resumed run (it was "
                         f"{saved[key]}): drop it, or start a new run with another --exp-name")
-    args.changes = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in changed]
+    args.changes = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})"
+                    for k in changed if k != "resume"]
 
     if args.model not in MODELS:
-        raise UserError(f"unknown model {args.model!r}: models are SiT|DiT-{{T,S,B,L,XL}}/{{2,4,8}}"
-                        f", e.g. SiT-XL/2")
+        raise UserError(f"unknown model {args.model!r}: SiT|DiT-{{T,S,B,L,XL}}/{{2,4,8}}")
     args.family, size = args.model.split("/")[0].split("-")
     args.learn_sigma = args.family == "DiT" if args.learn_sigma is None else args.learn_sigma
-    depth = SIZES[size][0]
     student, teacher = BLOCK_PAIRS.get(args.model.split("/")[0], (1, 4))  # (1, 4): T
-    args.block_out_s = student if args.block_out_s is None else args.block_out_s
-    args.block_out_t = teacher if args.block_out_t is None else args.block_out_t
-    for flag, block in (("--block-out-s", args.block_out_s), ("--block-out-t", args.block_out_t)):
-        if not 1 <= block <= depth:
-            raise UserError(f"{flag} {block} is out of range: {args.model} has blocks 1..{depth}")
+    args.block_out_s = args.block_out_s or student
+    args.block_out_t = args.block_out_t or teacher
+    for block in (args.block_out_s, args.block_out_t):
+        if not 1 <= block <= SIZES[size][0]:
+            raise UserError(f"block {block} is out of range: {args.model} has blocks "
+                            f"1..{SIZES[size][0]}")
     weight = {"cos": 0.5, "sml1": 0.2 if args.family == "SiT" else 0.04}[args.loss_type]
     args.align_weight = weight if args.align_weight is None else args.align_weight
     if args.align_decay_steps is None:  # the official code decays lambda for sml1 only
@@ -1299,9 +1223,10 @@ def parse_args(argv=None):
         args.bench_steps = args.bench_steps or (20 if torch.cuda.is_available() else 3)
         vars(args).update(dataset="synthetic", num_classes=args.num_classes or 1000, log_every=1,
                           max_train_steps=BENCH_WARMUP + args.bench_steps)
-    for flag in ("batch_size", "gradient_accumulation_steps", "log_every", "checkpoint_steps"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if min(args.batch_size, args.gradient_accumulation_steps, args.log_every,
+           args.checkpoint_steps) < 1:
+        raise UserError("--batch-size, --gradient-accumulation-steps, --log-every and "
+                        "--checkpoint-steps must be at least 1")
     return args
 
 
@@ -1314,10 +1239,24 @@ def error_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """The command line -> exit status: bad input (and a missing file, an offline download) is
+    one line on stderr and status 2."""
     try:
-        arguments = parse_args()
-        (encode_latents if arguments.encode else bench if arguments.bench else main)(arguments)
-    except UserError as error:
+        args = parse_args(argv)
+        if args.encode:
+            encode_latents(args)
+        elif args.bench:
+            bench(args)
+        else:
+            main(args)
+    except (UserError, OSError) as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -27,7 +27,8 @@ Notable choices
     * Student: the hidden state after block `block_out_s` (1-based), through the projector.
       Teacher: the raw hidden state after block `block_out_t` of the EMA, which stops there.
     * Teacher time t' = clamp(t - t_max * u, 0, 1), u ~ U(0, 1): less noise, the same noise
-      sample, the same labels after label dropout.
+      sample, the same labels after label dropout. DiT: t' = clamp(t - j, 1, 999), j uniform in
+      [0, 200).
     * Loss `sml1` (smooth-L1, beta 0.05; the paper) or `cos` (1 - cosine per token, over the
       feature axis, as the paper describes; the official code's ran over the token axis).
     * EMA decay 0.9999, an exact copy of the model at step 0, updated after every optimizer step.
@@ -67,7 +68,7 @@ class UserError(Exception):
 # ==== Embedders: patches, timesteps, positions ====================================================
 
 def modulate(x, shift, scale):
-    """adaLN: LN(x) * (1 + scale) + shift, one (shift, scale) per sample, broadcast over tokens."""
+    """adaLN: x * (1 + scale) + shift, for x already layer-normed; one (shift, scale) per sample."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -183,7 +184,7 @@ class DiT(nn.Module):
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels  # 2C: eps and variance
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels  # 2C: and the variance
         self.num_classes = num_classes
         self.hidden_size = hidden_size
         self.grad_checkpointing = False
@@ -342,7 +343,8 @@ class GaussianDiffusion:
     """
 
     def __init__(self, betas):
-        self.betas = betas = torch.as_tensor(betas, dtype=torch.float64)
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        self.betas = betas
         self.num_timesteps = len(betas)
         ac = torch.cumprod(1 - betas, dim=0)  # abar_t, the fraction of signal left at step t
         ac_prev = torch.cat([torch.ones_like(ac[:1]), ac[:-1]])  # abar_{t-1}
@@ -448,7 +450,8 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
 
     Draws from `generator`, in this order: label dropout, noise, student time, teacher offset.
     """
-    N, device = len(x), x.device
+    N = len(x)
+    device = x.device
     # Label dropout (for classifier-free guidance), here rather than inside the model, so that a
     # dropped label stays dropped for the teacher too
     drop = torch.rand(N, device=device, generator=generator) < args.cfg_prob
@@ -487,9 +490,7 @@ def training_losses(model, ema, x, y, args, diffusion, generator):
     return denoise.mean(), align, cos
 
 
-
-
-# ==== Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents =================
+# ==== Data: built-in shapes, CIFAR-10, image folders, pre-encoded SD-VAE latents ==================
 
 class ShapesDataset(torch.utils.data.Dataset):
     """Built-in data: 10 classes of coloured shapes on a shaded background, drawn on the fly.
@@ -581,8 +582,10 @@ def build_dataset(args):
     from torchvision import datasets
     kind = args.dataset
     if kind is None:  # inferred: no folder -> built-in; a folder with vae-sd/ -> latents
-        has_latents = os.path.isdir(os.path.join(args.data_dir or "", "vae-sd"))
-        kind = "builtin" if args.data_dir is None else "latents" if has_latents else "folder"
+        kind = "builtin"
+        if args.data_dir:
+            has_latents = os.path.isdir(os.path.join(args.data_dir, "vae-sd"))
+            kind = "latents" if has_latents else "folder"
     R = args.resolution or (256 if kind in ("latents", "folder") else 32)
     if R % 8 and (kind == "latents" or args.encode):
         raise UserError(f"--resolution {R} is not divisible by 8 (the SD-VAE's downsampling)")
@@ -710,6 +713,15 @@ def encode_latents(args):
 
 
 # ==== Helpers: distributed setup, files, FLOPs, preemption, logging ===============================
+
+def error_line(e):
+    """One line for the user. An error re-raised from a DataLoader worker carries the worker's
+    traceback: keep its last line, the error itself."""
+    text = str(e).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1].split("Error: ", 1)[-1]
+    return text.splitlines()[0] if text else type(e).__name__
+
 
 def setup_distributed(timeout_s=1800):
     """-> (ddp, rank, world_size, device). DDP when torchrun set RANK. The GPU is LOCAL_RANK's (the
@@ -846,6 +858,8 @@ class Progress:
         Nothing non-finite is logged as progress or checkpointed (fp16's scaler skips its own)."""
         n = step - self.step
         world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # each rank's sums over n steps, divided by n and by the rank count: their all-reduced
+        # sum is the mean over the steps and the ranks
         sums = torch.stack(list(self.sums.values())) / world_size / n
         if world_size > 1:
             dist.all_reduce(sums)
@@ -863,8 +877,9 @@ class Progress:
         self.write("metrics.jsonl", json.dumps(self.records[-1]))
         loss = mean["denoise"] + weight * mean["align"]
         self.info(f"step {step}/{self.total_steps} | loss {loss:.4f} | denoise "
-                  f"{mean['denoise']:.4f} | align {mean['align']:.4f} (cos {mean['cos']:.3f}) | grad {mean['grad']:.3f}"
-                  f" | {images_per_s:.1f} img/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
+                  f"{mean['denoise']:.4f} | align {mean['align']:.4f} (cos {mean['cos']:.3f}) | "
+                  f"grad {mean['grad']:.3f} | {images_per_s:.1f} img/s"
+                  + (f" | MFU {100 * mfu:.1f}%" if mfu else "")
                   + f" | ETA {(self.total_steps - step) * seconds / 60:.1f} min")
         for value in self.sums.values():
             value.zero_()
@@ -899,10 +914,14 @@ def resume(args, run_dir, parts):
     """Load the checkpoint that --resume names (auto: the run folder's newest, if any) into the
     parts -> (its path, its contents), or (None, None). weights_only: no code in it can run;
     mmap: the ranks of a node share its pages instead of holding a copy each."""
-    saved = sorted(Path(run_dir or ".", "checkpoints").glob("[0-9]*.pt"))  # (never a *.tmp)
+    if run_dir is None:  # the benchmark
+        return None, None
+    saved = sorted(Path(run_dir, "checkpoints").glob("[0-9]*.pt"))  # (never a *.tmp)
     if saved and not args.resume:  # a run folder that holds a run is never written into
         raise UserError(f"{run_dir} has a run: continue with --resume auto, or another --exp-name")
-    path = (saved[-1] if saved else None) if args.resume == "auto" else args.resume
+    path = args.resume
+    if args.resume == "auto":
+        path = saved[-1] if saved else None
     if not path:
         return None, None
     try:
@@ -1015,7 +1034,9 @@ def main(args):
                   f"{total_steps}; every setting is in args.json")
 
     # ---- The training loop: one optimizer step per iteration, then logging and checkpoints
-    micro_batches = next_micro_batches(batches, accum)  # (None after a SIGTERM)
+    # The first step's data. From here on, the next step's data is fetched and the ranks agree
+    # whether to stop at the end of each iteration, between two steps.
+    micro_batches = next_micro_batches(batches, accum) if step < total_steps else None
     stopping = agree_to_stop(stop_group) or step >= total_steps
     while not stopping:
         weight = align_weight(step, args.align_weight, args.align_decay_start,
@@ -1115,7 +1136,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # objective, the random streams)
 FIXED_SETTINGS = {"model", "learn_sigma", "num_classes", "cfg_prob", "dataset", "resolution",
                   "path_type", "prediction", "weighting", "no_sra", "block_out_s", "block_out_t",
-                  "t_max", "loss_type", "mixed_precision", "seed"}
+                  "t_max", "loss_type", "mixed_precision", "seed", "batch_size",
+                  "gradient_accumulation_steps"}
 
 
 def parse_args(argv=None):
@@ -1206,8 +1228,8 @@ def parse_args(argv=None):
     args.family, size = args.model.split("/")[0].split("-")
     args.learn_sigma = args.family == "DiT" if args.learn_sigma is None else args.learn_sigma
     student, teacher = BLOCK_PAIRS.get(args.model.split("/")[0], (1, 4))  # (1, 4): T
-    args.block_out_s = args.block_out_s or student
-    args.block_out_t = args.block_out_t or teacher
+    args.block_out_s = student if args.block_out_s is None else args.block_out_s
+    args.block_out_t = teacher if args.block_out_t is None else args.block_out_t
     for block in (args.block_out_s, args.block_out_t):
         if not 1 <= block <= SIZES[size][0]:
             raise UserError(f"block {block} is out of range: {args.model} has blocks "
@@ -1228,15 +1250,6 @@ def parse_args(argv=None):
         raise UserError("--batch-size, --gradient-accumulation-steps, --log-every and "
                         "--checkpoint-steps must be at least 1")
     return args
-
-
-def error_line(e):
-    """One line for the user. An error re-raised from a DataLoader worker carries the worker's
-    traceback: keep its last line, the error itself."""
-    text = str(e).strip()
-    if "Traceback" in text:
-        text = text.splitlines()[-1].split("Error: ", 1)[-1]
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def cli(argv=None):

@@ -270,7 +270,10 @@ def run_tests(folder, fast, timeout):
     """pytest on every test_*.py at the top of `folder`: (caught, the first failure), caught
     when the tests fail or hang."""
     files = sorted(os.path.basename(path) for path in glob.glob(os.path.join(folder, "test_*.py")))
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files]
+    # a temporary folder of its own: pytest deletes all but the newest 3 of the default ones, and
+    # so would break the runs of another shard
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+               "--basetemp", os.path.join(folder, ".pytest-tmp")]
     if fast:
         command += ["-m", "not slow"]
         if not any("mark.slow" in open(os.path.join(folder, name)).read() for name in files):

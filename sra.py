@@ -678,7 +678,7 @@ def encode_latents(args):
     multiples, so the bytes depend neither on the process count nor on interruptions; a rerun makes
     only the missing files; dataset.json comes last.
     """
-    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
+    ddp, rank, world_size, device = setup_distributed()
     args.dataset = "folder"
     dataset = build_dataset(args)
     vae = load_vae(args.vae, device)
@@ -723,7 +723,7 @@ def error_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def setup_distributed(timeout_s=1800):
+def setup_distributed():
     """-> (ddp, rank, world_size, device). DDP when torchrun set RANK. The GPU is LOCAL_RANK's (the
     global rank would point past a node's GPUs), modulo the GPUs that this process sees."""
     cuda = torch.cuda.is_available()
@@ -734,7 +734,8 @@ def setup_distributed(timeout_s=1800):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # (--bench runs main twice in one process group)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        # a stuck collective fails after 30 min (rank 0 may write a 10 GB checkpoint meanwhile)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
@@ -855,7 +856,7 @@ class Progress:
 
     def log(self, step, weight, fp16, last_ckpt):
         """The means since the last log line (over ranks too), checked, as a line and a record.
-        Nothing non-finite is logged as progress or checkpointed (fp16's scaler skips its own)."""
+        Nothing non-finite is checkpointed: a non-finite figure stops the run here."""
         n = step - self.step
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         # each rank's sums over n steps, divided by n and by the rank count: their all-reduced
@@ -864,7 +865,8 @@ class Progress:
         if world_size > 1:
             dist.all_reduce(sums)
         mean = dict(zip(self.sums, sums.tolist()))
-        if not math.isfinite(mean["denoise"] + mean["align"]) or (mean["nonfinite"] and not fp16):
+        # fp16's scaler skips a step that overflows (forward or backward): the weights stay finite
+        if not fp16 and (mean["nonfinite"] or not math.isfinite(mean["denoise"] + mean["align"])):
             raise UserError(f"non-finite loss or gradient by step {step}; stopping. Last good "
                             f"checkpoint: {last_ckpt} (resume from it, maybe with a lower lr)")
         seconds = (time.perf_counter() - self.timer) / n  # per step
@@ -975,7 +977,7 @@ def save_checkpoint(path, parts, generator, args, step):
 def main(args):
     """Train a DiT/SiT with SRA (vanilla with --no-sra); return the logged records. With --bench
     the same loop runs on synthetic batches and writes nothing."""
-    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
+    ddp, rank, world_size, device = setup_distributed()
     torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
     torch.backends.cudnn.allow_tf32 = args.allow_tf32
     run_dir = None if args.bench else os.path.abspath(os.path.join(args.output_dir, args.exp_name))
@@ -1026,8 +1028,7 @@ def main(args):
     ema_params = list(ema.parameters())
     model_params = [raw_model.get_parameter(name) for name, _ in ema.named_parameters()]
     signal.signal(signal.SIGTERM, on_sigterm)
-    timeout = timedelta(seconds=args.dist_timeout)
-    stop_group = dist.new_group(backend="gloo", timeout=timeout) if ddp else None
+    stop_group = dist.new_group(backend="gloo") if ddp else None
     progress.info(f"{args.model} ({sum(p.numel() for p in ema.parameters()) / 1e6:.2f}M "
                   f"parameters) on {args.in_channels}x{args.input_size}x{args.input_size} inputs, "
                   f"{world_size} process(es) on {device}, global batch {batch}, steps {step} -> "
@@ -1092,7 +1093,7 @@ BENCH_WARMUP = 2  # untimed steps first: the first step allocates (and compiles,
 def bench(args):
     """--bench: main()'s training loop on synthetic batches, vanilla then SRA, logging (and so
     timing) every step; one JSON line each. Under torchrun it measures the DDP step."""
-    ddp, rank, world_size, device = setup_distributed(args.dist_timeout)
+    ddp, rank, world_size, device = setup_distributed()
     cuda = device.type == "cuda"
     lines = []
     for no_sra in (True, False):
@@ -1195,7 +1196,6 @@ def parse_args(argv=None):
     add("--log-every", type=int, default=100, help="steps between log lines")
     add("--checkpoint-steps", type=int, default=50_000, help="steps between checkpoints")
     add("--resume", "--resume-ckpt", help="a checkpoint, or auto: the run folder's newest")
-    add("--dist-timeout", type=int, default=1800, help="seconds before a stuck collective fails")
     add = parser.add_argument_group("benchmark").add_argument
     add("--bench", action="store_true", help="time the loop on synthetic batches, print JSON")
     add("--bench-shape", type=int, nargs=3, default=[4, 32, 32], metavar=("C", "H", "W"),

@@ -106,8 +106,7 @@ def tiny_named(name="SiT-T/4", seed=0, input_size=8, in_channels=3, num_classes=
 
 
 def ddpm_tables():
-    """DDPM's linear schedule from its definition (Ho et al.), in numpy float64: beta, abar,
-    abar_prev, the posterior variance beta tilde and the two coefficients of the posterior mean."""
+    """DDPM's linear schedule (Ho et al.) in float64: beta, abar, prev, tilde, coef1, coef2."""
     beta = np.linspace(1e-4, 0.02, 1000)
     abar = np.cumprod(1 - beta)
     prev = np.append(1.0, abar[:-1])
@@ -173,8 +172,7 @@ def steps_saved(run_dir):
 
 
 def assert_finished(run_dir, steps):
-    """The run logged finite losses at every step up to `steps` and its last checkpoint holds
-    plain parameter names (no `_orig_mod.` of torch.compile, no `module.` of DDP); -> it."""
+    """Finite losses logged at every step; plain names in the last checkpoint -> it."""
     records = metrics(run_dir)
     assert [m["step"] for m in records] == list(range(1, steps + 1))
     assert all(math.isfinite(m["gen_loss"]) and math.isfinite(m["align_loss"]) for m in records)
@@ -292,8 +290,7 @@ def sra_args(family="SiT", **kw):
 
 
 class RecordingNet:
-    """The student and the teacher of sra.training_losses: records its inputs (and autograd);
-    outputs tanh of its input, channels repeated."""
+    """Student and teacher of training_losses: records its inputs; outputs tanh(x)."""
 
     def __init__(self, out_channels=3):
         self.num_classes = 4
@@ -320,8 +317,7 @@ def tanh_cdf(x):
 # (the [cos, sin] timestep embedding is pinned by the reference forward of section 2)
 
 def test_positional_embedding_formula():
-    """MAE's fixed 2D sin-cos table, tokens row-major: the column w in the first half, the row h
-    in the second, D/4 sines then D/4 cosines of position * 10000^(-i / (D/4)) in each."""
+    """MAE's 2D sin-cos table: the column w, then the row h."""
     D = 16
     model = tiny(hidden_size=D)  # 4 x 4 tokens
     assert not model.pos_embed.requires_grad
@@ -349,8 +345,7 @@ def layer_norm(v):
 
 
 def reference_block(P, b, x, c, heads):
-    """One adaLN-Zero block written out op by op (DiT's paper and models.py): P a state dict, b
-    the block's prefix, x (N, T, D) tokens, c (N, D) the conditioning; naive softmax attention."""
+    """One adaLN-Zero block op by op (DiT's models.py), naive softmax attention."""
     N, T, D = x.shape
     mod = linear(P, f"{b}.adaLN_modulation.1", F.silu(c))[:, None]  # (N, 1, 6D)
     shift1, scale1, gate1, shift2, scale2, gate2 = [mod[..., k * D:(k + 1) * D] for k in range(6)]
@@ -370,8 +365,7 @@ def reference_final(P, x, c):
 
 
 def reference_forward(model, x, t, y):
-    """DiT's forward written out op by op in float64 from the paper and the names of the released
-    checkpoints -> (output (N, C_out, H, W), the hidden state after each block)."""
+    """DiT's forward op by op in float64 -> (output, the state after each block)."""
     P = {k: v.double() for k, v in model.state_dict().items()}
     x, t = x.double(), t.double()
     N, C, H, W = x.shape
@@ -395,8 +389,7 @@ def reference_forward(model, x, t, y):
 
 
 def test_block_and_final_layer_match_a_reference():
-    """In float64, op by op: the modulation's chunk order (the released weights depend on it),
-    the gates, LayerNorm's eps 1e-6, the tanh GELU, the heads."""
+    """Float64; chunk order, gates, eps 1e-6, tanh GELU, heads."""
     torch.manual_seed(0)
     P = {}
     block = sra.Block(32, num_heads=4).double()
@@ -415,8 +408,7 @@ def test_block_and_final_layer_match_a_reference():
 @pytest.mark.parametrize("size, patch, channels, classes, learn_sigma",
                          [(8, 2, 3, 4, False), (12, 4, 1, 7, True), (16, 8, 5, 1, False)])
 def test_forward_matches_a_reference(size, patch, channels, classes, learn_sigma):
-    """Any size, patch, channels, classes; the student is the projected state after block s, the
-    teacher the raw one after its block."""
+    """Student: projected state after block s; teacher: raw, after its block."""
     model = randomize(tiny(input_size=size, patch_size=patch, in_channels=channels,
                            num_classes=classes, learn_sigma=learn_sigma, projector=True), seed=3)
     x = torch.randn(3, channels, size, size)
@@ -434,8 +426,7 @@ def test_forward_matches_a_reference(size, patch, channels, classes, learn_sigma
 
 
 def test_initialisation_is_dits_and_a_fresh_model_outputs_zero():
-    """Xavier-uniform Linears and patch conv, zero biases; N(0, 0.02) label table and timestep
-    MLP; adaLN modulations and the final Linear zeroed."""
+    """Xavier-uniform, zero biases, N(0, 0.02) embeddings, adaLN zeroed."""
     torch.manual_seed(0)
     model = sra.MODELS["DiT-S/4"](input_size=16, in_channels=4, num_classes=10, projector=True)
     zeroed = {"final_layer.linear", "final_layer.adaLN_modulation.1"}
@@ -459,17 +450,13 @@ def test_initialisation_is_dits_and_a_fresh_model_outputs_zero():
     assert torch.equal(out, torch.zeros(2, 8, 16, 16))
 
 
-# The DiT paper's depth, width and heads; T is the project's 6-block CPU model (README)
-PAPER_SIZES = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
-               "XL": (28, 1152, 16)}
-
-
 @pytest.mark.parametrize("name", list(sra.MODELS))
 def test_every_model_loads_the_released_names_and_shapes_and_counts_the_papers_parameters(name):
-    """Strictly, shapes from the paper's depth, width and patch (the projector only if built with
-    it); DiT-XL/2 has the DiT paper's 675,129,632 parameters."""
+    """Strictly, shapes from the paper's sizes; DiT-XL/2: 675,129,632."""
     family, rest = name.split("-")
-    depth, D, heads = PAPER_SIZES[rest.split("/")[0]]
+    # The DiT paper's depth, width and heads; T is the project's 6-block CPU model (README)
+    depth, D, heads = {"T": (6, 192, 3), "S": (12, 384, 6), "B": (12, 768, 12),
+                       "L": (24, 1024, 16), "XL": (28, 1152, 16)}[rest.split("/")[0]]
     p, C = int(rest.split("/")[1]), 4  # on 32 x 32 x 4 latents, 1000 classes
     C_out = 2 * C if family == "DiT" else C  # DiT learns a variance
     shapes = {"pos_embed": (1, (32 // p) ** 2, D), "x_embedder.proj.weight": (D, C, p, p),
@@ -518,8 +505,7 @@ def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
 
 @pytest.mark.parametrize("path", ["linear", "cosine", "cos"])
 def test_interpolant_closed_forms_and_derivatives(path):
-    """alpha = 1 - t, sigma = t, or cos and sin of pi t / 2 (cosine, `cos` in the official code);
-    d_alpha, d_sigma against finite differences."""
+    """Linear and cosine (`cos` in the official code) paths; finite differences."""
     t = torch.linspace(0, 1, 21, dtype=torch.float64)
     alpha, sigma, d_alpha, d_sigma = sra.interpolant(t, path)
     expected = (1 - t, t) if path == "linear" else (torch.cos(math.pi / 2 * t),
@@ -534,8 +520,7 @@ def test_interpolant_closed_forms_and_derivatives(path):
 
 @pytest.mark.parametrize("path", ["linear", "cosine"])
 def test_lognormal_times_reach_the_student(path):
-    """--weighting lognormal: the student's times (20,000) are t = s / (1 + s) on the linear path,
-    (2 / pi) atan(s) on the cosine path, s = e^n, n ~ N(0, 1). (Uniform: the draws test.)"""
+    """t = s / (1 + s) (linear), (2 / pi) atan(s) (cosine), s = e^n, n ~ N(0, 1)."""
     net = RecordingNet()
     x, y = torch.randn(20_000, 3, 1, 1), torch.randint(0, 4, (20_000,))
     sra.training_losses(net, net, x, y, sra_args(weighting="lognormal", path_type=path), None,
@@ -543,21 +528,6 @@ def test_lognormal_times_reach_the_student(path):
     t = net.calls["student"]["t"].double()
     n = torch.log(t / (1 - t) if path == "linear" else torch.tan(math.pi / 2 * t))
     assert abs(n.mean().item()) < 0.03 and abs(n.std().item() - 1) < 0.03
-
-
-def test_ddpm_tables_against_closed_forms():
-    """Float64, on the device of betas; the clipped log variance's t = 0 entry is from t = 1."""
-    d, tab = sra.GaussianDiffusion.linear(num_timesteps=1000, device="cpu"), ddpm_tables()
-    assert d.betas.dtype == torch.float64
-    assert np.allclose(d.alphas_cumprod.numpy(), tab["abar"], rtol=1e-12)
-    assert np.allclose(d.posterior_variance.numpy(), tab["tilde"], rtol=1e-12)
-    clipped = np.log(np.append(tab["tilde"][1], tab["tilde"][1:]))
-    assert np.allclose(d.posterior_log_variance_clipped.numpy(), clipped, rtol=1e-12)
-    # 250 steps scale beta by 4; every table follows betas to its device
-    assert sra.GaussianDiffusion.linear(250).betas[-1].item() == pytest.approx(0.08)
-    on_meta = sra.GaussianDiffusion.linear(device="meta")
-    tables = [v for v in vars(on_meta).values() if isinstance(v, torch.Tensor)]
-    assert len(tables) >= 6 and all(v.device.type == "meta" for v in tables)
 
 
 def dit_by_hand(out, x0, xt, t, noise):
@@ -585,13 +555,22 @@ def dit_by_hand(out, x0, xt, t, noise):
     return x0_hat, mean, log_var, ((noise - eps) ** 2 + vb).flatten(1).mean(1)
 
 
-def test_ddpm_posterior_and_loss_against_closed_forms():
-    """q_sample, p_mean_variance and the loss against dit_by_hand; L_vb sees a detached eps (it
-    trains only the variance); DiT's CDF is within 2e-4 of the exact one."""
+def test_ddpm_tables_posterior_and_loss_against_closed_forms():
+    """Tables, q_sample, posterior, loss (L_vb on a detached eps), DiT's CDF."""
+    d, tab = sra.GaussianDiffusion.linear(num_timesteps=1000, device="cpu"), ddpm_tables()
+    assert d.betas.dtype == torch.float64
+    assert np.allclose(d.alphas_cumprod.numpy(), tab["abar"], rtol=1e-12)
+    assert np.allclose(d.posterior_variance.numpy(), tab["tilde"], rtol=1e-12)
+    clipped = np.log(np.append(tab["tilde"][1], tab["tilde"][1:]))
+    assert np.allclose(d.posterior_log_variance_clipped.numpy(), clipped, rtol=1e-12)
+    # 250 steps scale beta by 4; every table follows betas to its device
+    assert sra.GaussianDiffusion.linear(250).betas[-1].item() == pytest.approx(0.08)
+    on_meta = sra.GaussianDiffusion.linear(device="meta")
+    tables = [v for v in vars(on_meta).values() if isinstance(v, torch.Tensor)]
+    assert len(tables) >= 6 and all(v.device.type == "meta" for v in tables)
     x = torch.linspace(-6, 6, 20001, dtype=torch.float64)
     exact = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     assert (sra.approx_standard_normal_cdf(x) - exact).abs().max() < 2e-4
-    d = sra.GaussianDiffusion.linear()
     torch.manual_seed(1)
     t = torch.tensor([0, 0, 1, 3, 250, 998, 999])
     x0 = torch.randint(0, 256, (7, 2, 2, 2)).double() / 127.5 - 1  # on the 8-bit grid
@@ -600,7 +579,7 @@ def test_ddpm_posterior_and_loss_against_closed_forms():
     eps = noise + 0.3 * torch.randn_like(x0)
     out = torch.cat([eps, torch.rand_like(x0) * 2 - 1], 1).requires_grad_()
     xt = d.q_sample(x0, t, noise)
-    abar = torch.from_numpy(ddpm_tables()["abar"])[t].view(-1, 1, 1, 1)
+    abar = torch.from_numpy(tab["abar"])[t].view(-1, 1, 1, 1)
     assert torch.allclose(xt, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, atol=1e-12)
     x0_hat, mean, log_var, loss = dit_by_hand(out.detach(), x0, xt, t, noise)
     for got, want in zip(d.p_mean_variance(out, xt, t), (mean, log_var, x0_hat)):
@@ -617,11 +596,9 @@ def test_ddpm_posterior_and_loss_against_closed_forms():
 
 @pytest.mark.parametrize("family", ["SiT", "DiT"])
 def test_training_batch_draws_and_denoising_loss(family):
-    """20,000 draws: labels dropped to the null class at rate cfg_prob (the teacher's too); the
-    student at t ~ U(0, 1) (SiT) or each step 0..999 (DiT), the teacher at clamp(t - t_max u, 0, 1)
-    or clamp(t - j, 1, 999), j uniform in [0, 1000 t_max) (DiT's official code); one image and one
-    noise (drawn after the dropout) for both; features of block_out_s, and of block_out_t under
-    no_grad; the loss: MSE to d_alpha x + d_sigma eps (SiT, cosine path), or DiT's (dit_by_hand)."""
+    """20,000 draws: labels dropped at rate cfg_prob; the teacher at clamp(t - t_max u, 0, 1) or
+    clamp(t - j, 1, 999), j in [0, 1000 t_max) (DiT's official code), with the student's image
+    and noise (drawn after the dropout), under no_grad; the loss: MSE to the velocity, or DiT's."""
     N = 20_000
     net = RecordingNet(out_channels=6 if family == "DiT" else 3)
     args = sra_args(family, cfg_prob=0.15, t_max=0.3, path_type="cosine", block_out_s=2,
@@ -679,8 +656,7 @@ def must_not_run(module, inputs):
 
 
 def test_no_gradient_reaches_the_teacher_and_teacher_runs_only_its_blocks():
-    """Stop-gradient on the teacher; it runs no block after block_out_t and no final layer (its
-    features are pinned by the reference forward); --no-sra: no teacher, no projector, align 0."""
+    """No final layer, no later block; --no-sra: no teacher, no projector, 0."""
     model, ema = randomize(tiny(projector=True)), randomize(tiny(), seed=1)
     for layer in (ema.blocks[2], ema.blocks[3], ema.final_layer):
         layer.register_forward_pre_hook(must_not_run)
@@ -698,9 +674,8 @@ def test_no_gradient_reaches_the_teacher_and_teacher_runs_only_its_blocks():
     assert sra.training_losses(model, ema, x, y, args, None, torch.Generator())[1].item() == 0
 
 
-def test_alignment_losses():
-    """Smooth-L1 with beta 0.05; 1 - cosine per token over features (the official code's ran over
-    tokens); in fp32 for fp16 features, finite where their squares overflow fp16."""
+def test_alignment_losses_and_the_lambda_schedule():
+    """Smooth-L1 (beta 0.05), 1 - cosine per token, in fp32 for fp16 features."""
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     for s, t in ((student, teacher), (student.half(), teacher.half())):
@@ -715,10 +690,7 @@ def test_alignment_losses():
             assert cos.item() == pytest.approx(per_token.mean().item(), abs=1e-6)
     big = (300 * student).half()  # 300^2 * 8 > 65504, fp16's largest number
     assert sra.align_loss(big, big, "cos")[0].item() == pytest.approx(0, abs=1e-3)
-
-
-def test_align_weight_schedule():
-    """lambda decays tenfold per decay_steps after decay_start; decay_steps 0: constant."""
+    # lambda decays tenfold per decay_steps after decay_start; decay_steps 0: constant
     assert sra.align_weight(100, 0.2, 1000, 5000) == 0.2
     assert sra.align_weight(6000, 0.2, 1000, 5000) == pytest.approx(0.02)
     assert sra.align_weight(3500, 0.2, 1000, 5000) == pytest.approx(0.2 * 0.1 ** 0.5)
@@ -800,6 +772,8 @@ def test_builtin_dataset_is_deterministic_and_class_conditional():
                          for c in range(10)])
     gaps = torch.cdist(means.flatten(1), means.flatten(1))
     assert gaps[~torch.eye(10, dtype=bool)].min() > 1.0  # classes look different on average
+    # pixels at patch 2: 128 px (4,096 tokens) run; 256 px are refused (BAD_INPUT's pixel-tokens)
+    sra.build_dataset(sra.parse_args(TINY + ["--model", "SiT-T/2", "--resolution", "128"]))
 
 
 def test_random_horizontal_flips():
@@ -811,7 +785,7 @@ def test_random_horizontal_flips():
     assert (same ^ mirrored).all() and abs(mirrored.float().mean().item() - 0.5) < 0.04
 
 
-def test_image_folder_data_uses_the_adm_crop_and_trains(tmp_path):
+def test_image_folder_data_uses_the_adm_crop(tmp_path):
     """ADM: box-halve while the short side >= 2 R, bicubic to R, centre; sorted class names."""
     root = make_image_folder(tmp_path / "img")
     args = sra.parse_args(TINY + ["--data-dir", str(root)])
@@ -829,9 +803,6 @@ def test_image_folder_data_uses_the_adm_crop_and_trains(tmp_path):
     square = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 64, 3), np.uint8))
     halved = np.array(square.resize((32, 16), Image.BOX))  # exactly 2 x 16: one halving, no resize
     assert np.array_equal(sra.center_crop_arr(square, 16), halved[:, 8:24])
-    run_dir = run_main(tmp_path, "--data-dir", str(root), "--max-train-steps", "2")
-    assert json.loads((run_dir / "args.json").read_text())["num_classes"] == 2
-    assert_finished(run_dir, 2)
 
 
 def test_latent_data_draws_the_posterior(latents):
@@ -848,22 +819,11 @@ def test_latent_data_draws_the_posterior(latents):
     assert torch.allclose(z.std(0), std.abs() * 0.18215, atol=0.015)
 
 
-def test_pixel_runs_of_too_many_tokens_stop_with_the_ways_out(tmp_path, capsys):
-    """256 px at patch 2 (64x the paper's tokens): one line, exit 2, nothing written; 128 px ok."""
-    status, line = run_cli(capsys, *TINY, "--model", "SiT-T/2", "--resolution", "256",
-                           "--output-dir", tmp_path)
-    assert status == 2
-    one_line_naming(line, "SiT-T/2 on 256 px images is 16384 tokens", "--encode DIR",
-                    "--resolution", "patch")
-    assert not os.listdir(tmp_path)
-    sra.build_dataset(sra.parse_args(TINY + ["--model", "SiT-T/2", "--resolution", "128"]))
-
 
 FAKE_DIFFUSERS = r"""
 import json, os, time, types
 import torch
 import torch.nn.functional as F
-
 
 class AutoencoderKL(torch.nn.Module):
     def __init__(self, seed):
@@ -890,8 +850,7 @@ class AutoencoderKL(torch.nn.Module):
 
 
 def fake_vae(root, seed=0):
-    """root/site/diffusers (a stand-in package of the VAE's interface) and root/vae-<seed>/ (its
-    weights, as save_pretrained leaves a folder) -> (site, vae folder)."""
+    """root/site/diffusers (the VAE's interface) and root/vae-<seed>/ -> (site, vae)."""
     (root / "site" / "diffusers").mkdir(parents=True, exist_ok=True)
     (root / "site" / "diffusers" / "__init__.py").write_text(FAKE_DIFFUSERS)
     (root / f"vae-{seed}").mkdir()
@@ -915,8 +874,7 @@ def encode_flags(images, out, vae, *extra):
 
 
 def test_encode_writes_the_latent_layout_that_trains(tmp_path, with_fake_vae):
-    """vae-sd/: a float32 (8, R/8, R/8) posterior mean and std per ADM-cropped image, dataset.json
-    in ImageFolder's order; a SiT trains on it, sample.py decodes with the same VAE folder."""
+    """Posterior mean and std per image; a SiT trains on it, sample.py decodes."""
     images = make_image_folder(tmp_path / "img")
     sra.encode_latents(sra.parse_args(encode_flags(images, tmp_path / "enc", with_fake_vae)))
     root = tmp_path / "enc" / "vae-sd"
@@ -942,9 +900,7 @@ def test_encode_writes_the_latent_layout_that_trains(tmp_path, with_fake_vae):
 
 @slow
 def test_encode_is_the_same_on_two_processes_and_resumes_after_a_kill_or_a_full_disk(tmp_path):
-    """2 processes write 1 process's bytes. A latent that cannot be written (files limited to 200
-    bytes, a latent is 256): one line, exit 2, no .tmp or short file. Killed mid-way: the rerun
-    rewrites no finished file, ends with the same bytes."""
+    """Same bytes; a full disk: one line, no .tmp; the rerun rewrites no file."""
     site, vae = fake_vae(tmp_path)
     images = make_image_folder(tmp_path / "img", per_class=5)
     env = dict(ENV, PYTHONPATH=f"{HERE}:{site}")
@@ -1012,12 +968,11 @@ def test_encode_bad_input_is_one_line(case, tmp_path, with_fake_vae, capsys, mon
 
 def test_the_vae_loads_without_accelerates_advice(monkeypatch):
     """low_cpu_mem_usage=False: what diffusers does without accelerate, said, so no advice."""
-    loads = []
-    vae = SimpleNamespace(from_pretrained=lambda source, **kw: loads.append((source, kw)) or vae)
-    vae.to = vae.eval = lambda *args: vae
-    monkeypatch.setitem(sys.modules, "diffusers", SimpleNamespace(AutoencoderKL=vae))
+    diffusers = mock.Mock()  # a recording stub
+    monkeypatch.setitem(sys.modules, "diffusers", diffusers)
     sra.load_vae("mse", torch.device("cpu"))
-    assert loads == [("stabilityai/sd-vae-ft-mse", {"low_cpu_mem_usage": False})]
+    diffusers.AutoencoderKL.from_pretrained.assert_called_once_with(
+        "stabilityai/sd-vae-ft-mse", low_cpu_mem_usage=False)
 
 
 # ==================================================================================================
@@ -1087,19 +1042,9 @@ def naive_attention(q, k, v):
     return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
 
 
-def counted_flops(function, monkeypatch):
-    """FLOPs of function() as PyTorch's FlopCounterMode counts its matmuls."""
-    monkeypatch.setattr(F, "scaled_dot_product_attention", naive_attention)
-    with FlopCounterMode(display=False) as counter:
-        function()
-    monkeypatch.undo()
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("name", ["SiT-T/2", "DiT-T/4"])
 def test_flop_formulas_against_pytorchs_flop_counter(name, monkeypatch):
-    """train_flops of an SRA step (student with projector, teacher's partial forward) and of a
-    vanilla one, per image, as FlopCounterMode counts them (32 px: attention matters)."""
+    """Per image, SRA and vanilla steps, at 32 px (attention matters)."""
     args = sra.parse_args(["--model", name])
     student = randomize(sra.MODELS[name](input_size=32, in_channels=4, num_classes=10,
                                          projector=True))
@@ -1114,12 +1059,12 @@ def test_flop_formulas_against_pytorchs_flop_counter(name, monkeypatch):
 
     def vanilla_step():
         student(x, t, y).square().mean().backward()
-    # (the formulas leave out the timestep MLP: 0.1% here)
-    assert sra.train_flops(student, args) == pytest.approx(counted_flops(sra_step, monkeypatch),
-                                                           rel=2e-3)
-    args.no_sra = True
-    assert sra.train_flops(student, args) == pytest.approx(
-        counted_flops(vanilla_step, monkeypatch), rel=2e-3)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", naive_attention)
+    for no_sra, step in ((False, sra_step), (True, vanilla_step)):
+        with FlopCounterMode(display=False) as counter:
+            step()
+        args.no_sra = no_sra  # (the formulas leave out the timestep MLP: 0.1% here)
+        assert sra.train_flops(student, args) == pytest.approx(counter.get_total_flops(), rel=2e-3)
 
 
 def test_flop_formula_matches_the_dit_paper():
@@ -1179,8 +1124,7 @@ def test_training_run_writes_its_folder_and_learns(trained):
 
 
 def test_loss_is_denoise_plus_lambda_align_over_the_micro_batches(tmp_path, monkeypatch, small):
-    """Recorded at the loss scaler, lambda(step) from --align-weight and its decay; the logged
-    losses are the means over the logged steps."""
+    """Recorded at the loss scaler; logged as means over the logged steps."""
     seen, scaled = [], []
     real_losses = sra.training_losses
 
@@ -1213,8 +1157,7 @@ def test_loss_is_denoise_plus_lambda_align_over_the_micro_batches(tmp_path, monk
 
 
 def test_the_loop_applies_the_ema_decay_and_the_optimiser_flags(tmp_path, monkeypatch, small):
-    """ema <- d ema + (1 - d) model each step; AdamW gets the --adam-* flags (a weight without
-    gradient decays, w (1 - lr wd)); every parameter clipped to --max-grad-norm."""
+    """ema <- d ema + (1 - d) model; AdamW's --adam-* flags; --max-grad-norm."""
     clipped = []
     real_clip = torch.nn.utils.clip_grad_norm_
 
@@ -1250,13 +1193,12 @@ def test_the_loop_applies_the_ema_decay_and_the_optimiser_flags(tmp_path, monkey
 
 
 def test_epochs_and_a_resume_across_epoch_boundaries_mid_accumulation(tmp_path, small):
-    """4 micro-batches an epoch, 3 a step: steps straddle epochs; --epochs E is E * (4 // 3) steps.
-    Stopped at steps 1 and 3 and resumed: identical to the uninterrupted run."""
+    """8 images, 4 micro-batches an epoch, 3 a step; resumed at 1 and 3."""
     data = make_image_folder(tmp_path / "img")
     flags = ["--data-dir", str(data), "--gradient-accumulation-steps", "3", "--checkpoint-steps",
              "1"]
     run_main(tmp_path, *flags, "--epochs", "2", exp="epochs")
-    assert [m["step"] for m in metrics(tmp_path / "epochs")] == [1, 2]
+    assert_finished(tmp_path / "epochs", 2)
     reference = run_main(tmp_path, *flags, "--max-train-steps", "5", exp="reference")
     for stop_at in (1, 3, 5):
         run_main(tmp_path, *flags, "--max-train-steps", str(stop_at), "--resume", "auto",
@@ -1313,24 +1255,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
     args = sra.parse_args(TINY + ["--cfg-prob", "0"])
     sra.build_dataset(args)
     initial = sra.build(args, torch.device("cpu"))[0].state_dict()
-    a = torch.load(big / "checkpoints" / "0000003.pt", weights_only=True)["model"]
-    b = torch.load(accumulated / "checkpoints" / "0000003.pt", weights_only=True)["model"]
+    a, b = load(ckpt_path(big, 3))["model"], load(ckpt_path(accumulated, 3))["model"]
     update = max((a[k] - initial[k]).abs().max().item() for k in a)
     assert update > 1e-3  # three steps of lr 1e-3 moved the weights
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3 * update  # float rounding
-
-
-def test_main_runs_dit_with_the_cos_loss_and_grad_checkpointing(tmp_path, monkeypatch):
-    """Every student block checkpointed; lambda 0.5, constant (the official code decays it for
-    sml1 only); a learned-sigma checkpoint with plain names."""
-    checkpoint = mock.Mock(wraps=torch.utils.checkpoint.checkpoint)  # a recording stub
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
-    run_dir = run_main(tmp_path, "--model", "DiT-T/8", "--loss-type", "cos",
-                       "--align-decay-start", "0", "--grad-checkpointing", "--max-train-steps", "2")
-    assert checkpoint.call_count == 2 * 6  # the 6 blocks of the student, at each of the 2 steps
-    ckpt = assert_finished(run_dir, 2)
-    assert ckpt["model"]["final_layer.linear.bias"].shape == (8 * 8 * 6,)  # C_out = 2C
-    assert all(m["align_weight"] == 0.5 for m in metrics(run_dir))
 
 
 def test_main_with_compile_trains_and_saves_plain_names(tmp_path, monkeypatch):
@@ -1370,20 +1298,24 @@ def failing_compile(*args, **kwargs):
     return compiled
 
 
-def test_compile_failure_is_reported_and_training_and_the_bench_run_eagerly(tmp_path, capsys,
-                                                                            monkeypatch):
-    """log.txt says so once, the run trains to the end; the bench's lines say compile: false."""
+def test_dit_with_the_cos_loss_grad_checkpointing_and_a_failed_compile_trains_eagerly(
+        tmp_path, capsys, monkeypatch):
+    """lambda 0.5, constant (the official code decays it for sml1 only); the failed compile said
+    once in log.txt, and compile: false in the bench's lines."""
+    checkpoint = mock.Mock(wraps=torch.utils.checkpoint.checkpoint)  # a recording stub
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
     monkeypatch.setattr(torch, "compile", failing_compile)
-    run_dir = run_main(tmp_path, "--compile", "--max-train-steps", "2")
+    run_dir = run_main(tmp_path, "--model", "DiT-T/8", "--loss-type", "cos", "--compile",
+                       "--align-decay-start", "0", "--grad-checkpointing", "--max-train-steps", "2")
+    assert checkpoint.call_count == 2 * 6  # the 6 blocks of the student, at each of the 2 steps
     log = (run_dir / "log.txt").read_text()
     assert log.count("torch.compile failed") == 1 and "no C++ compiler found" in log
-    assert_finished(run_dir, 2)
+    ckpt = assert_finished(run_dir, 2)
+    assert ckpt["model"]["final_layer.linear.bias"].shape == (8 * 8 * 6,)  # C_out = 2C
+    assert all(m["align_weight"] == 0.5 for m in metrics(run_dir))
     sra.bench(sra.parse_args(TINY + ["--bench", "--compile", "--bench-steps", "1"]))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[0] == "{"]
     assert [line["compile"] for line in lines] == [False, False]
-
-
-SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
 
 
 @pytest.mark.parametrize("model, precision, accum, checkpointing", [  # every pair of values
@@ -1391,10 +1323,9 @@ SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "nu
     ("DiT-T/8", "no", "2", False), ("DiT-T/8", "fp16", "1", True), ("DiT-T/8", "bf16", "1", False)])
 def test_no_host_device_sync_inside_a_training_step(monkeypatch, model, precision, accum,
                                                      checkpointing):
-    """From prepare_batch (a step's first call) to update_ema (its last) no tensor method that
-    waits for the device runs. (--compile and DDP: the GPU check, with CUDA's sync debug mode.)"""
+    """From prepare_batch to update_ema. (--compile, DDP: the GPU check.)"""
     armed, hits = [False], []
-    for name in SYNC_METHODS:
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         method = getattr(torch.Tensor, name)
 
         def guarded(tensor, *args, name=name, method=method, **kwargs):
@@ -1429,15 +1360,10 @@ def test_no_host_device_sync_inside_a_training_step(monkeypatch, model, precisio
 
 
 def test_bench_is_the_training_loop_and_its_figures_follow_a_clock(capsys, monkeypatch):
-    """The training loop's loss, vanilla then SRA, on a virtual clock: warm-up steps 5 s, timed
-    ones 0.25 s (vanilla) and 0.375 s (SRA): medians, img/s (2 x 2 micro-batches), TFLOP/s, MFU
-    (peak 1 TFLOP/s), the overhead ratio are known numbers."""
-    clock, calls, steps = [0.0], [], []
-    real_losses, real_update = sra.training_losses, sra.update_ema
-
-    def counting_losses(model, ema, x, y, args, diffusion, generator):
-        calls.append(args.no_sra)
-        return real_losses(model, ema, x, y, args, diffusion, generator)
+    """Vanilla then SRA on a virtual clock: warm-up steps 5 s, timed ones 0.25 s and 0.375 s, so
+    the medians, img/s (2 x 2 micro-batches), TFLOP/s, MFU (peak 1e12) are known numbers."""
+    clock, steps, real_update = [0.0], [], sra.update_ema
+    losses = mock.Mock(wraps=sra.training_losses)  # a recording stub
 
     def timed_update(*args):
         real_update(*args)
@@ -1445,7 +1371,7 @@ def test_bench_is_the_training_loop_and_its_figures_follow_a_clock(capsys, monke
         warm = len(steps) % (sra.BENCH_WARMUP + 2) in range(1, sra.BENCH_WARMUP + 1)
         with_sra = len(steps) > sra.BENCH_WARMUP + 2
         clock[0] += 5.0 if warm else 0.375 if with_sra else 0.25
-    monkeypatch.setattr(sra, "training_losses", counting_losses)
+    monkeypatch.setattr(sra, "training_losses", losses)
     monkeypatch.setattr(sra, "update_ema", timed_update)
     monkeypatch.setattr(sra.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(sra, "peak_flops", lambda device: 1e12)
@@ -1456,6 +1382,7 @@ def test_bench_is_the_training_loop_and_its_figures_follow_a_clock(capsys, monke
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     vanilla, with_sra = [json.loads(line) for line in lines]
+    calls = [call.args[4].no_sra for call in losses.call_args_list]
     assert calls == [True] * 8 + [False] * 8  # (2 + 2 steps of 2 micro-batches each)
     args = sra.parse_args(["--model", "SiT-T/4"])
     with torch.device("meta"):
@@ -1478,16 +1405,7 @@ def test_bench_is_the_training_loop_and_its_figures_follow_a_clock(capsys, monke
 # ==================================================================================================
 # sra.py, 8. Fault tolerance: kills, preemption, full disks, bad data, NaNs
 
-STEPS = 12  # length of the reference run
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted subprocess run of STEPS steps -> its run folder."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = train(root, "--max-train-steps", str(STEPS))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run"
+STEPS = 12  # length of the reference runs
 
 
 SLOW = r"""
@@ -1510,24 +1428,14 @@ sys.exit(sra.cli(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module")
-def accumulated(tmp_path_factory):
-    """An uninterrupted run of STEPS steps with --gradient-accumulation-steps 2 -> its folder."""
-    root = tmp_path_factory.mktemp("accumulated")
-    proc = train(root, "--max-train-steps", str(STEPS), "--gradient-accumulation-steps", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run"
-
-
 @slow
 @pytest.mark.parametrize("moment", ["step", "save"])
-def test_sigterm_to_every_pid_of_the_job_checkpoints_and_resumes_bit_identical(
-        moment, tmp_path, reference, accumulated):
-    """As SLURM at a time limit, mid-step (2 micro-batches a step) or during a checkpoint write: a
-    checkpoint of a completed step, logged, exit 0, no process left; resumed, bit-identical."""
+def test_sigterm_to_every_pid_of_the_job_checkpoints_and_resumes_bit_identical(moment, tmp_path):
+    """As SLURM does, mid-step or mid-write; exit 0, no process left."""
     accum = ["--gradient-accumulation-steps", "2"] if moment == "step" else []
     script, saving = tmp_path / "slow.py", tmp_path / "saving"
     script.write_text(SLOW)
+    ref = start(tmp_path, *accum, "--max-train-steps", str(STEPS), exp="ref", out="ref.out")
     proc = start(tmp_path, *accum, "--num-workers", "2", "--max-train-steps", "1000",
                  "--checkpoint-steps", "2" if moment == "save" else "1000", script=script,
                  env=dict(ENV, SLOW=moment, SAVING=str(saving)))
@@ -1543,17 +1451,19 @@ def test_sigterm_to_every_pid_of_the_job_checkpoints_and_resumes_bit_identical(
             os.kill(pid, signal.SIGTERM)
         proc.wait(timeout=60)
         wait_for(lambda: not any(map(alive, pids)), "every process to exit", timeout=10)
+        ref.wait(timeout=120)
     finally:
         stop(proc, *pids)
+        stop(ref)
     assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
+    assert ref.returncode == 0, read(tmp_path / "ref.out")[-3000:]
     step = steps_saved(run_dir)[-1]
     assert step < STEPS and load(ckpt_path(run_dir, step))["step"] == step
     assert f"SIGTERM: stopped at step {step}; continue with --resume auto" in read(log_path)
     assert not glob.glob(str(run_dir / "checkpoints" / "*.tmp"))
     proc = train(tmp_path, *accum, "--resume", "auto", "--max-train-steps", str(STEPS))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref = accumulated if accum else reference
-    assert_same_training_state(ckpt_path(run_dir, STEPS), ckpt_path(ref, STEPS))
+    assert_same_training_state(ckpt_path(run_dir, STEPS), ckpt_path(tmp_path / "ref", STEPS))
 
 
 @slow
@@ -1590,16 +1500,12 @@ def test_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_fil
     assert open(good, "rb").read() == before
 
 
-DDP_STEPS = 12  # the final step of the preempted DDP run
-
-
 @slow
 def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_identical(
         tmp_path):
-    """SIGTERM to rank 1 alone: both ranks stop after the same step (they vote), within a step,
-    exit 0; rank 0 alone logs and saves, with both ranks' streams; resumed, bit-identical."""
+    """The ranks vote; rank 0 alone logs and saves both ranks' streams."""
     flags = ["--checkpoint-steps", "1000", "--num-workers", "1"]
-    ref = start(tmp_path, *flags, "--max-train-steps", str(DDP_STEPS), exp="ref", out="ref.out",
+    ref = start(tmp_path, *flags, "--max-train-steps", str(STEPS), exp="ref", out="ref.out",
                 nproc=2)
     proc = start(tmp_path, *flags, "--max-train-steps", "1000", nproc=2)
     run_dir, log_path = tmp_path / "run", tmp_path / "run" / "log.txt"
@@ -1618,21 +1524,21 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_
     assert proc.returncode == 0, read(tmp_path / "run.out")[-3000:]
     assert ref.returncode == 0, read(tmp_path / "ref.out")[-3000:]
     [step] = steps_saved(run_dir)
-    assert last < step <= last + 2 and step < DDP_STEPS, (last, step)  # acted on within a step
+    assert last < step <= last + 2 and step < STEPS, (last, step)  # acted on within a step
     log = read(log_path)
     assert "2 process(es)" in log and "global batch 4" in log and log.count(" done: ") == 1
     assert f"SIGTERM: stopped at step {step}; continue with --resume auto" in log
     rng = load(ckpt_path(run_dir, step))["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0], rng[1])  # a stream per rank
-    proc = start(tmp_path, *flags, "--max-train-steps", str(DDP_STEPS), "--resume", "auto",
+    proc = start(tmp_path, *flags, "--max-train-steps", str(STEPS), "--resume", "auto",
                  out="resume.out", nproc=2)
     try:
         proc.wait(timeout=120)
     finally:
         stop(proc)
     assert proc.returncode == 0, read(tmp_path / "resume.out")[-3000:]
-    assert_same_training_state(ckpt_path(run_dir, DDP_STEPS),
-                               ckpt_path(tmp_path / "ref", DDP_STEPS))
+    assert_same_training_state(ckpt_path(run_dir, STEPS),
+                               ckpt_path(tmp_path / "ref", STEPS))
 
 
 DDP_SCRIPT = r"""
@@ -1647,8 +1553,7 @@ sys.exit(sra.cli(sys.argv[1:]))
 @slow
 def test_ddp_with_accumulation_equals_one_process_with_the_same_global_batch(tmp_path,
                                                                             monkeypatch):
-    """2 ranks x 2 micro-batches of 2 (no_sync on the first) train the weights and EMA of batches
-    of 8: rank r reads r, r + 2, ... of the order that one process reads."""
+    """2 ranks x 2 micro-batches of 2 (no_sync on the first) as batches of 8."""
     exact = ["--cfg-prob", "0", "--max-train-steps", "3", "--learning-rate", "0.1",
              "--adam-epsilon", "1", "--max-grad-norm", "1e6", "--ema-decay", "0.5"]
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
@@ -1702,8 +1607,7 @@ def nan_gradient(loss):
                                               (nan_gradient, "bf16")])
 def test_a_nonfinite_loss_or_gradient_stops_the_run_at_the_last_good_checkpoint(
         tmp_path, monkeypatch, small, fault, precision):
-    """At step 4 (a checkpoint step: the weights turn NaN only in the optimizer step): one error
-    naming the last good checkpoint, 2, which holds finite numbers; none written after it."""
+    """At step 4, a checkpoint step: checkpoint 2 is the last, finite."""
     real_losses = sra.training_losses
     calls = []
 
@@ -1760,16 +1664,12 @@ import os, sys, time
 import torch.distributed as dist
 from torchvision import datasets
 import sra
-
-
 def recording_cifar10(root, download, transform):  # a slow download, a failed read of nothing
     if download:
         time.sleep(1)
         os.makedirs(root)
     os.listdir(root)
     print(os.environ["RANK"], download, file=open(os.path.join(root, "calls"), "a"), flush=True)
-
-
 datasets.CIFAR10 = recording_cifar10
 dist.init_process_group("gloo")
 sra.build_dataset(sra.parse_args(["--dataset", "cifar10", "--data-dir", sys.argv[1]]))
@@ -1791,8 +1691,7 @@ def test_under_torchrun_rank_0_downloads_cifar10_while_the_others_wait(tmp_path)
 # sra.py, 9. The command line: the paper's defaults, the official commands, help, bad input, resume
 
 def test_defaults_are_the_papers():
-    """The paper's recipe, lambda 0.2 for SiT, 0.04 for DiT, 0.5 for cos; its block pairs, S as B,
-    T 1 -> 4."""
+    """The paper's recipe, lambdas and block pairs; S as B, T 1 -> 4."""
     args = sra.parse_args(["--model", "SiT-XL/2"])
     assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_weight_decay,
             args.adam_epsilon, args.max_grad_norm) == (1e-4, 0.9, 0.999, 0.0, 1e-8, 1.0)
@@ -1856,6 +1755,8 @@ BAD_INPUT = {  # flags -> what the one line says
     "cifar-offline": (["--dataset", "cifar10", "--data-dir", "{tmp}/cifar"],
                       ["name resolution"]),
     "flag": (["--bench-steps", "many"], ["invalid int value: 'many'"]),
+    "pixel-tokens": (["--model", "SiT-T/2", "--resolution", "256"],  # 64x the paper's tokens
+                     ["SiT-T/2 on 256 px images is 16384 tokens", "--encode DIR", "patch"]),
 }
 
 
@@ -1877,7 +1778,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys,
         status, line = 2, capsys.readouterr().err.strip().splitlines()[-1]
     assert status == 2
     one_line_naming(line, *names)
-    assert not (tmp_path / "out" / "run").exists()
+    assert not (tmp_path / "out").exists()
 
 
 RUN_FLAGS = ["--learning-rate", "3e-4", "--ema-decay", "0.99", "--checkpoint-steps", "3",
@@ -1885,9 +1786,8 @@ RUN_FLAGS = ["--learning-rate", "3e-4", "--ema-decay", "0.99", "--checkpoint-ste
 
 
 def test_a_rerun_needs_resume_which_takes_the_runs_settings_and_logs_what_changes(tmp_path, small):
-    """Without --resume: one line, the run's files as they were. `--resume auto` with only
-    --exp-name: the run's settings, --max-train-steps logged as changed; bit-identical to an
-    uninterrupted run. args.json holds the values used (learn_sigma False, cos's lambda 0.5)."""
+    """Without --resume: one line, the files as they were; `--resume auto`, only --exp-name: the
+    run's settings, --max-train-steps logged as changed; bit-identical to an uninterrupted run."""
     run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "6", exp="ref")
     run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "3")
     saved = json.loads((run_dir / "args.json").read_text())
@@ -1921,8 +1821,7 @@ def test_resume_from_a_path_continues_in_that_runs_folder_even_moved(tmp_path, m
 
 
 def test_resume_refuses_a_fixed_setting_or_a_checkpoint_that_does_not_fit(tmp_path, small):
-    """The model, the data's shape, the objective...: one line naming the flag, nothing written.
-    An edited checkpoint (a key gone, a shape changed): one line naming both."""
+    """One line naming the flag (nothing written), or the keys and shapes."""
     run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "1")
     before = sorted(run_dir.rglob("*"))
     for flags, named in [
@@ -1948,8 +1847,7 @@ def test_resume_refuses_a_fixed_setting_or_a_checkpoint_that_does_not_fit(tmp_pa
 # sample.py, 1. Random streams
 
 def test_streams_are_per_sample_and_seeded():
-    """Sample i draws its label, then its noise, from stream_seed(seed, i), whatever the batch;
-    another seed: other streams, not shifted ones."""
+    """Label then noise from stream_seed(seed, i); other seeds: not shifted."""
     z, y, _ = sample.sample_inputs([5, 3000], 7, 10, (3, 2, 2))
     for row, i in enumerate([5, 3000]):
         g = torch.Generator().manual_seed(sample.stream_seed(7, i))
@@ -1988,8 +1886,7 @@ def moment_error(x):
 
 
 class SiTRepoToy(torch.nn.Module):
-    """The SiT repository's exact velocity of the toy (t = 0 noise, 2C outputs): x = a x0 + s eps,
-    (a, s) = (t, 1 - t) on its Linear path, (sin(pi t/2), cos(pi t/2)) on GVP."""
+    """The SiT repository's exact toy velocity (t = 0 noise, 2C outputs), Linear or GVP."""
     in_channels, num_classes, reverse_time = 1, 4, True
 
     def __init__(self, path_type):
@@ -2009,8 +1906,7 @@ class SiTRepoToy(torch.nn.Module):
 
 @pytest.mark.parametrize("path_type, sit_path", [("linear", "Linear"), ("cosine", "GVP")])
 def test_samplers_reach_the_gaussian_toy(path_type, sit_path):
-    """Euler/Heun reach the exact map x0 = M + S z (Heun far closer), the SDE and DDPM its moments,
-    better with more steps; so do SiT-repository networks (Linear as linear, GVP as cosine)."""
+    """ODE exactly (Heun closer), SDE and DDPM in moments; SiT-repo networks."""
     z = torch.randn(20_000, 1, 2, 2, generator=torch.Generator().manual_seed(1))
     exact = M + S * z[:2000].double()
     v = gaussian_velocity(path_type)
@@ -2040,8 +1936,7 @@ def test_samplers_reach_the_gaussian_toy(path_type, sit_path):
 
 
 def test_sde_steps_by_hand():
-    """On REPA's grid 1, 0.52, 0.04, 0: (v - w/2 score) dt + sqrt(w |dt|) z, w = 2t; the last step
-    adds no noise."""
+    """REPA's grid 1, 0.52, 0.04, 0, w = 2t; the last step adds no noise."""
     exact = gaussian_velocity("cosine")
     velocity = mock.Mock(side_effect=exact)  # a recording stub
     x = torch.randn(6, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -2062,8 +1957,7 @@ def test_sde_steps_by_hand():
 
 
 def test_ddpm_respacing_and_steps_by_hand():
-    """DiT's space_timesteps(1000, [K]) for every K. On [0, 999]: fed 999, then 0, as ints (no
-    sync); the posterior mean plus sqrt(1 - abar_999 / abar_0) z ("fixed large"), then the mean."""
+    """space_timesteps for every K; fed ints; 'fixed large' variance."""
     base = sra.GaussianDiffusion.linear()
     for K in range(1, 1001):
         assert sample.respace(base, K).timestep_map == dit_steps(K), K
@@ -2092,8 +1986,7 @@ def test_ddpm_respacing_and_steps_by_hand():
 
 
 def test_cfg_interval_formula_and_null_label():
-    """A doubled batch for the steps that start in [t_low, t_high], closed (both Heun calls follow
-    the start); eps = u + w (c - u) on data channels, DiT's variance conditional."""
+    """Guided steps start in [low, high]; eps = u + w (c - u); DiT's variance c."""
     calls = []
 
     def record(module, inputs):
@@ -2203,8 +2096,7 @@ LAYOUTS = {  # key -> (flags, expected family, path type, SiT-repository time)
 
 @pytest.mark.parametrize("key", list(LAYOUTS))
 def test_checkpoint_layouts_load_and_sample(key, ckpts, tmp_path, monkeypatch):
-    """EMA (or raw) weights, strictly, no projector, mmap and weights_only, the family and time
-    convention; SiT-repository weights are sampled as v(x, t) = -f(x, 1 - t)[:, :C]."""
+    """Strictly, no projector, mmap, weights_only; SiT-repo time reversed."""
     path, expected = ckpts[key]
     flags, family, path_type, reverse = LAYOUTS[key]
     args = sample.parse_args(["--ckpt", path, *flags])
@@ -2267,8 +2159,7 @@ def euler_by_hand(net, z, y, steps):
 
 
 def test_npz_holds_the_samples_of_the_streams_with_pngs_and_a_preview(ckpts, tmp_path, capsys):
-    """ADM's arr_0 uint8 (N, H, W, 3), Euler on the EMA, arr_1 int64 labels; --save-png: a PNG
-    each, said where; a preview; no parts left; a name per setting."""
+    """ADM's .npz from Euler on the EMA; --save-png; a preview; a name per setting."""
     flags = ("--num-fid-samples", 10, "--per-proc-batch-size", 4, "--mode", "ode", "--num-steps", 3)
     assert sample_cli(ckpts["ours"][0], tmp_path, *flags, "--save-png") == 0
     images, labels = npz_of(tmp_path)
@@ -2307,8 +2198,7 @@ def test_same_npz_from_one_and_two_processes(ckpts, tmp_path):
 
 @pytest.mark.parametrize("fails", ["part", "npz", "lost"])
 def test_failed_writes_then_rerun_resumes(fails, ckpts, tmp_path, capsys, monkeypatch):
-    """ENOSPC on a part or the .npz, or an .npz that does not read back: one line, exit 2, no .tmp,
-    parts kept; rerun: the missing batches, an uninterrupted run's .npz; once more: nothing."""
+    """ENOSPC or a bad read-back: one line, parts kept; rerun: as uninterrupted."""
     ckpt, flags = ckpts["ours"][0], ("--num-fid-samples", 10, "--per-proc-batch-size", 4)
     writes_left = [1] * (1 if fails == "part" else 3)  # the first part, or all three
     done = ["0000000-0000004.npz", "0000004-0000008.npz", "0000008-0000010.npz"][:len(writes_left)]
@@ -2367,8 +2257,7 @@ def test_grid_columns_classes_and_seeds(trained, ckpts, tmp_path, capsys, monkey
 # sample.py, 5. Command line
 
 def test_sampler_defaults_and_help(capsys, monkeypatch):
-    """SiT: SDE, 250 steps, no CFG (FID); a grid: 50 steps, CFG 4; given flags win; DiT: DDPM;
-    --help says so, grouped as sra.py's."""
+    """SiT: SDE 250; grid: 50, CFG 4; given flags win; DiT: DDPM; --help."""
     sit, dit = dict(family="SiT", path_type="cosine"), dict(family="DiT", path_type="linear")
     fid = dict(mode="sde", num_steps=250, path_type="cosine", cfg_scale=1.0, guidance_low=0.0,
                guidance_high=1.0, heun=False)  # a SiT's, for FID; the other cases change:
@@ -2462,8 +2351,7 @@ def in_mode(mode, function):
 
 
 def test_fake_cuda_sra_step_and_guided_samplers_stay_on_the_gpu(monkeypatch):
-    """The SRA step's losses (student, EMA teacher, DiT's tables on the GPU); DDPM, Euler, Heun and
-    the SDE, guided (CFG 1.8 on t <= 0.7). The harness has teeth: DiT's tables on the CPU fail."""
+    """And DiT's tables on the CPU fail, as on a GPU (issue 33)."""
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     sit, y, sit_losses = fake_cuda_step("SiT-T/2", mode)
     dit, _, dit_losses = fake_cuda_step("DiT-T/2", mode)
@@ -2505,10 +2393,8 @@ def commands(text):
 
 
 def test_readme_recipes_parse_sample_their_last_checkpoint_and_the_first_screen_is_true(tmp_path):
-    """Every sra.py/sample.py command of the README and both docstrings parses; each `sample.py
-    --ckpt exps/NAME/checkpoints/STEP.pt` names the step where `--exp-name NAME` stops (50,000
-    images an epoch, the subset ~130,000). The first screen installs, runs compare.py's DEMO,
-    shows its grid, tests as .ci/run; the tables name sra.py's code, the results."""
+    """Each `sample.py --ckpt exps/NAME/checkpoints/STEP.pt` names the step where NAME stops; the
+    first screen installs, runs compare.py's DEMO, shows its grid, tests as .ci/run."""
     text = pathlib.Path(HERE, "README.md").read_text()
     sizes = {None: 50_000, "data/cifar10": 50_000, "data/subset256": 130_000}
     stops, named = {}, []  # --exp-name -> its last step; (name, step) of each sample.py --ckpt
@@ -2544,9 +2430,7 @@ def test_readme_recipes_parse_sample_their_last_checkpoint_and_the_first_screen_
 
 
 def test_shape_score_by_grid_column_and_the_frechet_distance_closed_form(tmp_path):
-    """shapes.score: column c asks for class c; 1 filled, 2 outlined shapes wrong: 14/15, 13/15.
-    FID on 2 x 2 covariances that do not commute (tr(S1^1/2 S2^1/2), a common slip, differs):
-    tr (S1^1/2 S2 S1^1/2)^1/2 = sqrt(tr S1 S2 + 2 sqrt(det S1 det S2)); 0 on a singular one."""
+    """Column c asks for class c; FID on covariances that do not commute, and on a singular one."""
     import compare
     import shapes
 
@@ -2560,6 +2444,7 @@ def test_shape_score_by_grid_column_and_the_frechet_distance_closed_form(tmp_pat
     Image.fromarray(grid).save(tmp_path / "grid.png")
     score = shapes.score(tmp_path / "grid.png", first_row_classifier)
     assert np.allclose(score, (14 / 15, 13 / 15))
+    # tr (S1^1/2 S2 S1^1/2)^1/2 = sqrt(tr S1 S2 + 2 sqrt(det S1 det S2)), not tr(S1^1/2 S2^1/2)
     s1, s2 = np.array([[3.0, 0.0], [0.0, 0.2]]), np.array([[1.0, 0.9], [0.9, 1.0]])
     m1, m2 = np.array([0.5, -1.0]), np.array([0.0, 2.0])
     root = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))

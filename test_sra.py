@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import datasets
 
 import sample
 import sra
@@ -254,9 +255,10 @@ def make_image_folder(root, classes=("dog", "cat"), per_class=4):
     return root
 
 
-def make_latent_folder(root):
+@pytest.fixture
+def latents(tmp_path):
     """root/vae-sd/dataset.json, six (1, 8, 4, 4) fp16 moments 00/<i>.npy (32 px), labels i % 3."""
-    rng = np.random.default_rng(0)
+    root, rng = tmp_path / "latents", np.random.default_rng(0)
     (root / "vae-sd" / "00").mkdir(parents=True)
     labels = []
     for i in range(6):
@@ -265,12 +267,6 @@ def make_latent_folder(root):
         labels.append([f"00/{i}.npy", i % 3])
     (root / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": labels}))
     return root
-
-
-@pytest.fixture(scope="module")
-def latents(tmp_path_factory):
-    """A tiny pre-encoded data folder, shared by the tests that only read it."""
-    return make_latent_folder(tmp_path_factory.mktemp("latents"))
 
 
 def limit_file_size(limit=1 << 20):
@@ -650,13 +646,12 @@ def test_training_batch_draws_and_denoising_loss(family):
     assert denoise.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def must_not_run(module, inputs):
-    """A forward pre-hook on a layer that must not run."""
-    raise AssertionError(f"a {type(module).__name__} ran")
-
-
 def test_no_gradient_reaches_the_teacher_and_teacher_runs_only_its_blocks():
     """No final layer, no later block; --no-sra: no teacher, no projector, 0."""
+
+    def must_not_run(module, inputs):
+        """A forward pre-hook on a layer that must not run."""
+        raise AssertionError(f"a {type(module).__name__} ran")
     model, ema = randomize(tiny(projector=True)), randomize(tiny(), seed=1)
     for layer in (ema.blocks[2], ema.blocks[3], ema.final_layer):
         layer.register_forward_pre_hook(must_not_run)
@@ -776,14 +771,6 @@ def test_builtin_dataset_is_deterministic_and_class_conditional():
     sra.build_dataset(sra.parse_args(TINY + ["--model", "SiT-T/2", "--resolution", "128"]))
 
 
-def test_random_horizontal_flips():
-    """Each image kept or mirrored left-right, half of them mirrored."""
-    x = torch.arange(3 * 8 * 5, dtype=torch.float32).view(1, 3, 8, 5).repeat(2000, 1, 1, 1)
-    out = sra.prepare_batch(x, "folder", torch.Generator().manual_seed(0))
-    same = (out == x).flatten(1).all(1)
-    mirrored = (out == x.flip(-1)).flatten(1).all(1)
-    assert (same ^ mirrored).all() and abs(mirrored.float().mean().item() - 0.5) < 0.04
-
 
 def test_image_folder_data_uses_the_adm_crop(tmp_path):
     """ADM: box-halve while the short side >= 2 R, bicubic to R, centre; sorted class names."""
@@ -805,8 +792,14 @@ def test_image_folder_data_uses_the_adm_crop(tmp_path):
     assert np.array_equal(sra.center_crop_arr(square, 16), halved[:, 8:24])
 
 
-def test_latent_data_draws_the_posterior(latents):
-    """Items are the stored fp16 moments; prepare_batch draws z = (mean + std eps) 0.18215."""
+def test_prepare_batch_flips_pixels_and_draws_latents_from_the_posterior(latents):
+    """Pixels kept or mirrored left-right, half mirrored; latent items are the stored fp16
+    moments, and z = (mean + std eps) 0.18215 is drawn afresh."""
+    x = torch.arange(3 * 8 * 5, dtype=torch.float32).view(1, 3, 8, 5).repeat(2000, 1, 1, 1)
+    out = sra.prepare_batch(x, "folder", torch.Generator().manual_seed(0))
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    assert (same ^ mirrored).all() and abs(mirrored.float().mean().item() - 0.5) < 0.04
     ds = sra.LatentDataset(str(latents), 32)
     moments, label = ds[4]
     assert moments.shape == (8, 4, 4) and moments.dtype == torch.float16
@@ -817,7 +810,6 @@ def test_latent_data_draws_the_posterior(latents):
     assert z.shape == (4000, 4, 4, 4)
     assert torch.allclose(z.mean(0), mean * 0.18215, atol=0.015)  # fresh posterior samples
     assert torch.allclose(z.std(0), std.abs() * 0.18215, atol=0.015)
-
 
 
 FAKE_DIFFUSERS = r"""
@@ -1192,11 +1184,20 @@ def test_the_loop_applies_the_ema_decay_and_the_optimiser_flags(tmp_path, monkey
     assert clipped == [(len(list(model.parameters())), 0.5)] * 2
 
 
-def test_epochs_and_a_resume_across_epoch_boundaries_mid_accumulation(tmp_path, small):
-    """8 images, 4 micro-batches an epoch, 3 a step; resumed at 1 and 3."""
+def test_data_order_is_the_seeded_shuffle_across_epochs_and_resumes_go_on_in_it(tmp_path,
+                                                                                monkeypatch, small):
+    """Items in torch.randperm's order for (--seed, epoch), as DistributedSampler's. 8 images in
+    batches of 2, 3 micro-batches a step: steps straddle epochs; --epochs E is E * (4 // 3) steps.
+    Stopped at steps 1 and 3 and resumed: the same items, bit-identical to the whole run."""
+    read, real_item = [], datasets.ImageFolder.__getitem__
+
+    def recording_item(self, index):
+        read.append(index)
+        return real_item(self, index)
+    monkeypatch.setattr(datasets.ImageFolder, "__getitem__", recording_item)
     data = make_image_folder(tmp_path / "img")
-    flags = ["--data-dir", str(data), "--gradient-accumulation-steps", "3", "--checkpoint-steps",
-             "1"]
+    flags = ["--data-dir", str(data), "--seed", "3", "--gradient-accumulation-steps", "3",
+             "--checkpoint-steps", "1"]
     run_main(tmp_path, *flags, "--epochs", "2", exp="epochs")
     assert_finished(tmp_path / "epochs", 2)
     reference = run_main(tmp_path, *flags, "--max-train-steps", "5", exp="reference")
@@ -1204,25 +1205,10 @@ def test_epochs_and_a_resume_across_epoch_boundaries_mid_accumulation(tmp_path, 
         run_main(tmp_path, *flags, "--max-train-steps", str(stop_at), "--resume", "auto",
                  exp="resumed")
     assert_same_training_state(ckpt_path(tmp_path / "resumed", 5), ckpt_path(reference, 5))
-
-
-def test_data_order_is_the_seeded_shuffle_and_a_resume_goes_on_in_it(tmp_path, monkeypatch,
-                                                                      small):
-    """torch.randperm of (--seed, epoch), as DistributedSampler; resumed after step 1: item 3 on."""
-    read = []
-    real_item = sra.ShapesDataset.__getitem__
-
-    def recording_item(self, index):
-        read.append(index)
-        return real_item(self, index)
-    monkeypatch.setattr(sra.ShapesDataset, "__getitem__", recording_item)
-    run_main(tmp_path, "--seed", "3", "--max-train-steps", "3", exp="whole")
-    order = torch.randperm(50_000, generator=torch.Generator().manual_seed(3 + 0)).tolist()
-    assert read == order[:6]  # 3 steps of 2
-    read.clear()
-    run_main(tmp_path, "--seed", "3", "--max-train-steps", "1", exp="resumed")
-    run_main(tmp_path, "--seed", "3", "--max-train-steps", "3", "--resume", "auto", exp="resumed")
-    assert read == order[:2] + order[2:6]
+    shuffles = [torch.randperm(8, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+                for epoch in range(4)]
+    order = [i for shuffle in shuffles for i in shuffle]  # the epochs one after the other
+    assert read == order[:12] + order[:30] + order[:30]  # 2 steps, then 5 steps twice
 
 
 def deterministic_losses(model, ema, x, y, args, diffusion, generator):
@@ -1501,8 +1487,7 @@ def test_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_partial_fil
 
 
 @slow
-def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_identical(
-        tmp_path):
+def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_identical(tmp_path):
     """The ranks vote; rank 0 alone logs and saves both ranks' streams."""
     flags = ["--checkpoint-steps", "1000", "--num-workers", "1"]
     ref = start(tmp_path, *flags, "--max-train-steps", str(STEPS), exp="ref", out="ref.out",
@@ -1537,8 +1522,7 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_
     finally:
         stop(proc)
     assert proc.returncode == 0, read(tmp_path / "resume.out")[-3000:]
-    assert_same_training_state(ckpt_path(run_dir, STEPS),
-                               ckpt_path(tmp_path / "ref", STEPS))
+    assert_same_training_state(ckpt_path(run_dir, STEPS), ckpt_path(tmp_path / "ref", STEPS))
 
 
 DDP_SCRIPT = r"""
@@ -1551,8 +1535,7 @@ sys.exit(sra.cli(sys.argv[1:]))
 
 
 @slow
-def test_ddp_with_accumulation_equals_one_process_with_the_same_global_batch(tmp_path,
-                                                                            monkeypatch):
+def test_ddp_with_accumulation_equals_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
     """2 ranks x 2 micro-batches of 2 (no_sync on the first) as batches of 8."""
     exact = ["--cfg-prob", "0", "--max-train-steps", "3", "--learning-rate", "0.1",
              "--adam-epsilon", "1", "--max-grad-norm", "1e6", "--ema-decay", "0.5"]
@@ -1576,18 +1559,17 @@ def test_ddp_with_accumulation_equals_one_process_with_the_same_global_batch(tmp
 
 
 @pytest.mark.parametrize("fault", ["truncated", "wrong-shape", "missing"])
-def test_bad_latent_is_one_line_naming_it_when_first_read(tmp_path, fault, small, capsys):
+def test_bad_latent_is_one_line_naming_it_when_first_read(tmp_path, latents, fault, small, capsys):
     """Truncated, wrong-shaped or missing: not at start-up."""
-    data = make_latent_folder(tmp_path / "data")
-    bad = data / "vae-sd" / "00" / "2.npy"
+    bad = latents / "vae-sd" / "00" / "2.npy"
     if fault == "truncated":
         bad.write_bytes(bad.read_bytes()[:100])
     elif fault == "wrong-shape":
         np.save(bad, np.zeros((8, 8, 8), np.float32))  # a 64 px latent in a 32 px dataset
     else:
         bad.unlink()
-    assert len(sra.LatentDataset(str(data), 32)) == 6  # start-up does not open the files
-    status, line = run_cli(capsys, *LATENT_FLAGS, "--model", "SiT-T/4", "--data-dir", data,
+    assert len(sra.LatentDataset(str(latents), 32)) == 6  # start-up does not open the files
+    status, line = run_cli(capsys, *LATENT_FLAGS, "--model", "SiT-T/4", "--data-dir", latents,
                            "--max-train-steps", "20", "--output-dir", tmp_path, "--exp-name", "run")
     assert status == 2
     one_line_naming(line, bad)
@@ -1690,8 +1672,9 @@ def test_under_torchrun_rank_0_downloads_cifar10_while_the_others_wait(tmp_path)
 # ==================================================================================================
 # sra.py, 9. The command line: the paper's defaults, the official commands, help, bad input, resume
 
-def test_defaults_are_the_papers():
-    """The paper's recipe, lambdas and block pairs; S as B, T 1 -> 4."""
+def test_defaults_are_the_papers_and_the_official_commands_parse():
+    """The paper's recipe, lambdas and block pairs (S as B, T 1 -> 4); the official SiT command,
+    DiT's with --block-out-t 20 (older README) and 16 (the paper)."""
     args = sra.parse_args(["--model", "SiT-XL/2"])
     assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_weight_decay,
             args.adam_epsilon, args.max_grad_norm) == (1e-4, 0.9, 0.999, 0.0, 1e-8, 1.0)
@@ -1714,11 +1697,6 @@ def test_defaults_are_the_papers():
         dit = sra.build_model("DiT", "XL", 2, learn_sigma=None)
         sit = sra.build_model("SiT", "XL", 2, learn_sigma=None)
     assert (dit.out_channels, sit.out_channels) == (8, 4)
-
-
-@pytest.mark.parametrize("teacher", [20, 16])
-def test_official_commands_parse(teacher):
-    """The official SiT command; DiT's with --block-out-t 20 (older README) and 16 (the paper)."""
     sit = ("--allow-tf32 --mixed-precision=fp16 --seed=0 --path-type=linear --prediction=v "
            "--resolution=256 --batch-size=32 --weighting=uniform --model=SiT-XL/2 --block-out-s=8 "
            "--block-out-t=20 --t-max=0.2 --output-dir=exps --exp-name=sitxl-ab820-t0.2-res256 "
@@ -1727,16 +1705,17 @@ def test_official_commands_parse(teacher):
     assert (args.model, args.block_out_s, args.block_out_t, args.mixed_precision) == (
         "SiT-XL/2", 8, 20, "fp16")
     assert (args.batch_size, args.t_max, args.allow_tf32, args.data_dir) == (32, 0.2, True, "/data")
-    dit = ("--allow-tf32 --mixed-precision=fp16 --seed=0 --resolution=256 --batch-size=32 "
-           f"--model=DiT-XL/2 --block-out-s=8 --block-out-t={teacher} --t-max=0.2 "
-           "--output-dir=exps --exp-name=ditxl-ab820-t0.2-res256 --data-dir=/data --cfg-prob 0.1 "
-           "--learning-rate 1e-4 --adam-beta1 0.9 --adam-beta2 0.999 --adam-weight-decay 0 "
-           "--adam-epsilon 1e-8 --max-grad-norm 1 --num-workers 4 --num-classes 1000 "
-           "--resume-ckpt ckpt.pt").split()
-    args = sra.parse_args(dit)
-    assert (args.family, args.block_out_s, args.block_out_t, args.num_classes) == (
-        "DiT", 8, teacher, 1000)
-    assert (args.exp_name, args.resume) == ("ditxl-ab820-t0.2-res256", "ckpt.pt")
+    for teacher in (20, 16):
+        dit = ("--allow-tf32 --mixed-precision=fp16 --seed=0 --resolution=256 --batch-size=32 "
+               f"--model=DiT-XL/2 --block-out-s=8 --block-out-t={teacher} --t-max=0.2 "
+               "--output-dir=exps --exp-name=ditxl-ab820-t0.2-res256 --data-dir=/data "
+               "--cfg-prob 0.1 --learning-rate 1e-4 --adam-beta1 0.9 --adam-beta2 0.999 "
+               "--adam-weight-decay 0 --adam-epsilon 1e-8 --max-grad-norm 1 --num-workers 4 "
+               "--num-classes 1000 --resume-ckpt ckpt.pt").split()
+        args = sra.parse_args(dit)
+        assert (args.family, args.block_out_s, args.block_out_t, args.num_classes) == (
+            "DiT", 8, teacher, 1000)
+        assert (args.exp_name, args.resume) == ("ditxl-ab820-t0.2-res256", "ckpt.pt")
 
 
 BAD_INPUT = {  # flags -> what the one line says
@@ -1806,22 +1785,10 @@ def test_a_rerun_needs_resume_which_takes_the_runs_settings_and_logs_what_change
         "--max-train-steps 6 (was 3)"]
 
 
-def test_resume_from_a_path_continues_in_that_runs_folder_even_moved(tmp_path, monkeypatch,
-                                                                      small):
-    """`--resume PATH` alone, from another working folder: on in the checkpoint's run folder."""
-    run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "3")
-    moved = tmp_path / "elsewhere" / "renamed"
-    os.makedirs(moved.parent)
-    os.rename(run_dir, moved)
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    sra.main(sra.parse_args(["--resume", ckpt_path(moved, 3), "--max-train-steps", "4"]))
-    assert "resumed from" in read(moved / "log.txt")
-    assert steps_saved(moved) == [3, 4] and not (tmp_path / "elsewhere" / "exps").exists()
-    assert json.loads((moved / "args.json").read_text())["model"] == "SiT-T/8"
-
-
-def test_resume_refuses_a_fixed_setting_or_a_checkpoint_that_does_not_fit(tmp_path, small):
-    """One line naming the flag (nothing written), or the keys and shapes."""
+def test_resume_refuses_what_cannot_change_and_a_path_goes_on_in_its_moved_run(tmp_path, small,
+                                                                               monkeypatch):
+    """One line naming a fixed flag (nothing written), or an unfitting checkpoint's keys and shapes;
+    `--resume PATH` alone, from elsewhere, goes on in the checkpoint's moved run folder."""
     run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "1")
     before = sorted(run_dir.rglob("*"))
     for flags, named in [
@@ -1841,6 +1808,14 @@ def test_resume_refuses_a_fixed_setting_or_a_checkpoint_that_does_not_fit(tmp_pa
         run_main(tmp_path, "--resume", str(tmp_path / "edited.pt"), exp="other")
     one_line_naming(str(error.value), "edited.pt", "blocks.0.attn.qkv.bias", "pos_embed",
                     "torch.Size([1, 9, 32])")
+    moved = tmp_path / "elsewhere" / "renamed"
+    os.makedirs(moved.parent)
+    os.rename(run_dir, moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    sra.main(sra.parse_args(["--resume", ckpt_path(moved, 1), "--max-train-steps", "2"]))
+    assert "resumed from" in read(moved / "log.txt")
+    assert steps_saved(moved) == [1, 2] and not (tmp_path / "elsewhere" / "exps").exists()
+    assert json.loads((moved / "args.json").read_text())["model"] == "SiT-T/8"
 
 
 # ==================================================================================================
@@ -1880,10 +1855,6 @@ def gaussian_velocity(path_type):
     return v
 
 
-def moment_error(x):
-    """|mean - M| + |std - S| over all coordinates."""
-    return abs(x.mean().item() - M) + abs(x.std().item() - S)
-
 
 class SiTRepoToy(torch.nn.Module):
     """The SiT repository's exact toy velocity (t = 0 noise, 2C outputs), Linear or GVP."""
@@ -1907,6 +1878,10 @@ class SiTRepoToy(torch.nn.Module):
 @pytest.mark.parametrize("path_type, sit_path", [("linear", "Linear"), ("cosine", "GVP")])
 def test_samplers_reach_the_gaussian_toy(path_type, sit_path):
     """ODE exactly (Heun closer), SDE and DDPM in moments; SiT-repo networks."""
+
+    def moment_error(x):
+        """|mean - M| + |std - S| over all coordinates."""
+        return abs(x.mean().item() - M) + abs(x.std().item() - S)
     z = torch.randn(20_000, 1, 2, 2, generator=torch.Generator().manual_seed(1))
     exact = M + S * z[:2000].double()
     v = gaussian_velocity(path_type)
@@ -2341,17 +2316,16 @@ def fake_cuda_step(name, mode):
     return ema, y, losses
 
 
-def in_mode(mode, function):
-    """`function` run under the fake mode, for a sampler that runs outside it."""
-    def run(*args, **kwargs):
-        """Call `function` with the mode active."""
-        with mode:
-            return function(*args, **kwargs)
-    return run
-
-
 def test_fake_cuda_sra_step_and_guided_samplers_stay_on_the_gpu(monkeypatch):
     """And DiT's tables on the CPU fail, as on a GPU (issue 33)."""
+
+    def in_mode(mode, function):
+        """`function` run under the fake mode, for a sampler that runs outside it."""
+        def run(*args, **kwargs):
+            """Call `function` with the mode active."""
+            with mode:
+                return function(*args, **kwargs)
+        return run
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     sit, y, sit_losses = fake_cuda_step("SiT-T/2", mode)
     dit, _, dit_losses = fake_cuda_step("DiT-T/2", mode)

@@ -116,15 +116,6 @@ def ddpm_tables():
                 coef2=(1 - prev) * np.sqrt(1 - beta) / (1 - abar))
 
 
-def dit_steps(K, T=1000):
-    """DiT's space_timesteps(T, [K]): a float stride added up step by step, each sum rounded."""
-    stride, position, steps = (T - 1) / (K - 1) if K > 1 else 1, 0.0, []
-    for _ in range(K):
-        steps.append(round(position))
-        position += stride
-    return steps
-
-
 def run_main(out, *flags, exp="run", base=TINY):
     """sra.main in this process, on the tiny flags, writing to out/exp; returns the run folder."""
     sra.main(sra.parse_args([*base, "--output-dir", str(out), "--exp-name", exp, *flags]))
@@ -500,8 +491,9 @@ def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
 # sra.py, 3. Objectives: the SiT interpolant and the DDPM of DiT
 
 @pytest.mark.parametrize("path", ["linear", "cosine", "cos"])
-def test_interpolant_closed_forms_and_derivatives(path):
-    """Linear and cosine (`cos` in the official code) paths; finite differences."""
+def test_interpolant_closed_forms_derivatives_and_lognormal_times(path):
+    """Linear and cosine (`cos` in the official code) paths; finite differences; --weighting
+    lognormal: t = s / (1 + s) (linear), (2 / pi) atan(s) (cosine), s = e^n, n ~ N(0, 1)."""
     t = torch.linspace(0, 1, 21, dtype=torch.float64)
     alpha, sigma, d_alpha, d_sigma = sra.interpolant(t, path)
     expected = (1 - t, t) if path == "linear" else (torch.cos(math.pi / 2 * t),
@@ -512,12 +504,7 @@ def test_interpolant_closed_forms_and_derivatives(path):
     a_minus, s_minus, _, _ = sra.interpolant(t - h, path)
     assert torch.allclose(d_alpha, (a_plus - a_minus) / (2 * h), atol=1e-6)
     assert torch.allclose(d_sigma, (s_plus - s_minus) / (2 * h), atol=1e-6)
-
-
-@pytest.mark.parametrize("path", ["linear", "cosine"])
-def test_lognormal_times_reach_the_student(path):
-    """t = s / (1 + s) (linear), (2 / pi) atan(s) (cosine), s = e^n, n ~ N(0, 1)."""
-    net = RecordingNet()
+    net = RecordingNet()  # the student's times
     x, y = torch.randn(20_000, 3, 1, 1), torch.randint(0, 4, (20_000,))
     sra.training_losses(net, net, x, y, sra_args(weighting="lognormal", path_type=path), None,
                         torch.Generator().manual_seed(0))
@@ -1910,8 +1897,9 @@ def test_samplers_reach_the_gaussian_toy(path_type, sit_path):
     assert moment_error(x) < 0.02
 
 
-def test_sde_steps_by_hand():
-    """REPA's grid 1, 0.52, 0.04, 0, w = 2t; the last step adds no noise."""
+def test_sde_and_ddpm_steps_by_hand():
+    """SDE: REPA's grid 1, 0.52, 0.04, 0, w = 2t, the last step noiseless; DDPM: DiT's respacing
+    for every K, steps fed as ints, "fixed large" variance."""
     exact = gaussian_velocity("cosine")
     velocity = mock.Mock(side_effect=exact)  # a recording stub
     x = torch.randn(6, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -1930,9 +1918,13 @@ def test_sde_steps_by_hand():
             expected += math.sqrt(2 * t) * math.sqrt(-dt) * torch.randn(x.shape, generator=noise)
         assert torch.allclose(states[i + 1], expected, atol=1e-10), i
 
-
-def test_ddpm_respacing_and_steps_by_hand():
-    """space_timesteps for every K; fed ints; 'fixed large' variance."""
+    def dit_steps(K, T=1000):
+        """DiT's space_timesteps(T, [K]): a float stride added up step by step, each sum rounded."""
+        stride, position, steps = (T - 1) / (K - 1) if K > 1 else 1, 0.0, []
+        for _ in range(K):
+            steps.append(round(position))
+            position += stride
+        return steps
     base = sra.GaussianDiffusion.linear()
     for K in range(1, 1001):
         assert sample.respace(base, K).timestep_map == dit_steps(K), K

@@ -743,8 +743,9 @@ def test_bf16_and_fp32_losses_agree():
 # ==================================================================================================
 # sra.py, 5. Data: built-in shapes, image folders, latents, --encode
 
-def test_builtin_dataset_is_deterministic_and_class_conditional():
-    """10 classes, (3, R, R) in [-1, 1]; the classes look different on average."""
+def test_builtin_data_is_class_conditional_and_image_folders_use_the_adm_crop(tmp_path):
+    """Shapes: 10 classes, (3, R, R) in [-1, 1], the classes different on average. Folders:
+    sorted class names; ADM: box-halve while the short side >= 2 R, bicubic to R, centre."""
     ds = sra.ShapesDataset(32)
     x0, y0 = ds[17]
     assert x0.shape == (3, 32, 32) and x0.dtype == torch.float32 and y0 == 7
@@ -756,11 +757,6 @@ def test_builtin_dataset_is_deterministic_and_class_conditional():
     assert gaps[~torch.eye(10, dtype=bool)].min() > 1.0  # classes look different on average
     # pixels at patch 2: 128 px (4,096 tokens) run; 256 px are refused (BAD_INPUT's pixel-tokens)
     sra.build_dataset(sra.parse_args(TINY + ["--model", "SiT-T/2", "--resolution", "128"]))
-
-
-
-def test_image_folder_data_uses_the_adm_crop(tmp_path):
-    """ADM: box-halve while the short side >= 2 R, bicubic to R, centre; sorted class names."""
     root = make_image_folder(tmp_path / "img")
     args = sra.parse_args(TINY + ["--data-dir", str(root)])
     ds = sra.build_dataset(args)
@@ -1259,22 +1255,19 @@ def test_main_with_compile_trains_and_saves_plain_names(tmp_path, monkeypatch):
     codes = [g.code for g in graphs]  # the probe, the student, the teacher
     assert any("ap_head" in c and "final_layer" in c for c in codes)  # the student
     assert any("blocks" in c and "final_layer" not in c for c in codes)  # the early-exit teacher
-    ckpt = assert_finished(run_dir, 2)
-    assert {k for k in ckpt["model"] if k.endswith("qkv.weight")} == {
-        "blocks.0.attn.qkv.weight", "blocks.1.attn.qkv.weight"}  # the 2-block T of this test
-
-
-def failing_compile(*args, **kwargs):
-    """A torch.compile whose functions fail when called, as on a machine without a compiler."""
-    def compiled(*a, **k):
-        raise RuntimeError("no C++ compiler found")
-    return compiled
+    assert_finished(run_dir, 2)
 
 
 def test_dit_with_the_cos_loss_grad_checkpointing_and_a_failed_compile_trains_eagerly(
         tmp_path, capsys, monkeypatch):
     """lambda 0.5, constant (the official code decays it for sml1 only); the failed compile said
     once in log.txt, and compile: false in the bench's lines."""
+
+    def failing_compile(*args, **kwargs):
+        """A torch.compile whose functions fail when called, as on a machine without a compiler."""
+        def compiled(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return compiled
     checkpoint = mock.Mock(wraps=torch.utils.checkpoint.checkpoint)  # a recording stub
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", checkpoint)
     monkeypatch.setattr(torch, "compile", failing_compile)
@@ -1596,35 +1589,32 @@ def test_a_nonfinite_loss_or_gradient_stops_the_run_at_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values())
 
 
-class HugeScaler(torch.amp.GradScaler):
-    """Starts at 2^24, so that the first fp16 backwards overflow; records its scale each step."""
-
-    scales = []
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{**kwargs, "init_scale": 2.0 ** 24})
-        HugeScaler.scales = []
-
-    def update(self, new_scale=None):
-        super().update(new_scale)
-        if self.is_enabled():
-            self.scales.append(self.get_scale())
-
-
 def test_fp16_overflow_is_a_counted_skipped_step(tmp_path, monkeypatch, small):
     """In metrics.jsonl's skipped_steps, at that step; the run goes on."""
+    scales = []
+
+    class HugeScaler(torch.amp.GradScaler):
+        """Starts at 2^24, so that the first fp16 backwards overflow; records its scales."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "init_scale": 2.0 ** 24})
+
+        def update(self, new_scale=None):
+            super().update(new_scale)
+            if self.is_enabled():
+                scales.append(self.get_scale())
     monkeypatch.setattr(torch.amp, "GradScaler", HugeScaler)
     run_main(tmp_path, "--mixed-precision", "fp16", "--max-train-steps", "8",
              "--checkpoint-steps", "1000")
     records = metrics(tmp_path / "run")
     # the scale halves at each skipped step
-    halvings = [round(math.log2(2.0 ** 24 / scale)) for scale in HugeScaler.scales]
+    halvings = [round(math.log2(2.0 ** 24 / scale)) for scale in scales]
     assert len(halvings) == 8 and 0 < halvings[-1] < 8  # some steps skipped, some taken
     assert [m["step"] for m in records] == list(range(1, 9))
     # one skipped step in the record of each step that overflowed
     assert [m["skipped_steps"] for m in records] == np.diff([0] + halvings).tolist()
     ckpt = load(ckpt_path(tmp_path / "run", 8))
-    assert ckpt["scaler"]["scale"] == HugeScaler.scales[-1]
+    assert ckpt["scaler"]["scale"] == scales[-1]
     assert all(torch.isfinite(v).all() for part in ("model", "ema") for v in ckpt[part].values())
 
 

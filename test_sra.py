@@ -1590,8 +1590,16 @@ def test_a_nonfinite_loss_or_gradient_stops_the_run_at_the_last_good_checkpoint(
 
 
 def test_fp16_overflow_is_a_counted_skipped_step(tmp_path, monkeypatch, small):
-    """In metrics.jsonl's skipped_steps, at that step; the run goes on."""
+    """In metrics.jsonl's skipped_steps, at that step; the run goes on. The backward overflows
+    at first (a huge scale), then step 7's forward does (an infinite loss)."""
     scales = []
+    calls = []
+    real_losses = sra.training_losses
+
+    def losses(*args):
+        denoise, align, cos = real_losses(*args)
+        calls.append(1)
+        return (denoise * math.inf if len(calls) == 7 else denoise), align, cos
 
     class HugeScaler(torch.amp.GradScaler):
         """Starts at 2^24, so that the first fp16 backwards overflow; records its scales."""
@@ -1604,12 +1612,14 @@ def test_fp16_overflow_is_a_counted_skipped_step(tmp_path, monkeypatch, small):
             if self.is_enabled():
                 scales.append(self.get_scale())
     monkeypatch.setattr(torch.amp, "GradScaler", HugeScaler)
+    monkeypatch.setattr(sra, "training_losses", losses)
     run_main(tmp_path, "--mixed-precision", "fp16", "--max-train-steps", "8",
              "--checkpoint-steps", "1000")
     records = metrics(tmp_path / "run")
     # the scale halves at each skipped step
     halvings = [round(math.log2(2.0 ** 24 / scale)) for scale in scales]
     assert len(halvings) == 8 and 0 < halvings[-1] < 8  # some steps skipped, some taken
+    assert halvings[6] == halvings[5] + 1 and records[6]["gen_loss"] == math.inf
     assert [m["step"] for m in records] == list(range(1, 9))
     # one skipped step in the record of each step that overflowed
     assert [m["skipped_steps"] for m in records] == np.diff([0] + halvings).tolist()

@@ -9,12 +9,12 @@ into a copy of the repository (never the working tree), where the fast tests run
 at its top, -m "not slow", -x); a mutant that survives is a behaviour no test guards. The copy
 without a mutant must pass first; a run that hangs past --timeout counts as caught.
 
-    python .ci/mutants.py                 # every mutant against the fast tests (~1 h on 2 cores)
+    python .ci/mutants.py                 # every mutant against the fast tests (~40 min on 2 cores)
     python .ci/mutants.py --list          # the mutants that apply to this code, not run
     python .ci/mutants.py --slow          # survivors get the whole suite too
     python .ci/mutants.py -k DDPM -k EMA  # only mutants whose description names one of these
     python .ci/mutants.py --tests OLD.py --code f4722ad  # an older suite on that release's code
-    python .ci/mutants.py --shard 0/2 & python .ci/mutants.py --shard 1/2  # on two cores
+    python .ci/mutants.py --shard 0/2 & python .ci/mutants.py --shard 1/2  # on two cores (~20 min)
 """
 import argparse
 import ast

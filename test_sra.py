@@ -634,7 +634,7 @@ def test_training_batch_draws_and_denoising_loss(family):
 
 
 def test_no_gradient_reaches_the_teacher_and_teacher_runs_only_its_blocks():
-    """No final layer, no later block; --no-sra: no teacher, no projector, 0."""
+    """No final layer, no later block; --no-sra: no teacher, no projector, align loss 0."""
 
     def must_not_run(module, inputs):
         """A forward pre-hook on a layer that must not run."""
@@ -657,7 +657,8 @@ def test_no_gradient_reaches_the_teacher_and_teacher_runs_only_its_blocks():
 
 
 def test_alignment_losses_and_the_lambda_schedule():
-    """Smooth-L1 (beta 0.05), 1 - cosine per token, in fp32 for fp16 features."""
+    """Smooth-L1 (beta 0.05), 1 - cosine per token, in fp32 for fp16 features; lambda decays
+    tenfold every decay_steps after decay_start."""
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     for s, t in ((student, teacher), (student.half(), teacher.half())):
@@ -744,8 +745,9 @@ def test_bf16_and_fp32_losses_agree():
 # sra.py, 5. Data: built-in shapes, image folders, latents, --encode
 
 def test_builtin_data_is_class_conditional_and_image_folders_use_the_adm_crop(tmp_path):
-    """Shapes: 10 classes, (3, R, R) in [-1, 1], the classes different on average. Folders:
-    sorted class names; ADM: box-halve while the short side >= 2 R, bicubic to R, centre."""
+    """Shapes: 10 classes, (3, R, R) in [-1, 1], the classes different on average. Pixels at
+    patch 2: 4,096 tokens accepted. Folders: sorted class names; ADM: box-halve while the short
+    side >= 2 R, bicubic to R, centre."""
     ds = sra.ShapesDataset(32)
     x0, y0 = ds[17]
     assert x0.shape == (3, 32, 32) and x0.dtype == torch.float32 and y0 == 7
@@ -942,7 +944,8 @@ def test_encode_bad_input_is_one_line(case, tmp_path, with_fake_vae, capsys, mon
 
 
 def test_the_vae_loads_without_accelerates_advice(monkeypatch):
-    """low_cpu_mem_usage=False: what diffusers does without accelerate, said, so no advice."""
+    """load_vae passes low_cpu_mem_usage=False: what diffusers does without accelerate, said
+    outright, so diffusers prints no advice to install it."""
     diffusers = mock.Mock()  # a recording stub
     monkeypatch.setitem(sys.modules, "diffusers", diffusers)
     sra.load_vae("mse", torch.device("cpu"))
@@ -1172,10 +1175,10 @@ def test_data_order_is_the_seeded_shuffle_across_epochs_and_resumes_go_on_in_it(
     """Items in torch.randperm's order for (--seed, epoch), as DistributedSampler's. 8 images in
     batches of 2, 3 micro-batches a step: steps straddle epochs; --epochs E is E * (4 // 3) steps.
     Stopped at steps 1 and 3 and resumed: the same items, bit-identical to the whole run."""
-    read, real_item = [], datasets.ImageFolder.__getitem__
+    indices, real_item = [], datasets.ImageFolder.__getitem__
 
     def recording_item(self, index):
-        read.append(index)
+        indices.append(index)
         return real_item(self, index)
     monkeypatch.setattr(datasets.ImageFolder, "__getitem__", recording_item)
     data = make_image_folder(tmp_path / "img")
@@ -1191,7 +1194,7 @@ def test_data_order_is_the_seeded_shuffle_across_epochs_and_resumes_go_on_in_it(
     shuffles = [torch.randperm(8, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
                 for epoch in range(4)]
     order = [i for shuffle in shuffles for i in shuffle]  # the epochs one after the other
-    assert read == order[:12] + order[:30] + order[:30]  # 2 steps, then 5 steps twice
+    assert indices == order[:12] + order[:30] + order[:30]  # 2 steps, then 5 steps twice
 
 
 def deterministic_losses(model, ema, x, y, args, diffusion, generator):
@@ -1286,7 +1289,7 @@ def test_dit_with_the_cos_loss_grad_checkpointing_and_a_failed_compile_trains_ea
 
 @pytest.mark.parametrize("model, precision, accum, checkpointing", [  # every pair of values
     ("SiT-T/8", "no", "1", False), ("SiT-T/8", "fp16", "2", False), ("SiT-T/8", "bf16", "2", True),
-    ("DiT-T/8", "no", "2", False), ("DiT-T/8", "fp16", "1", True), ("DiT-T/8", "bf16", "1", False)])
+    ("DiT-T/8", "no", "2", True), ("DiT-T/8", "fp16", "1", True), ("DiT-T/8", "bf16", "1", False)])
 def test_no_host_device_sync_inside_a_training_step(monkeypatch, model, precision, accum,
                                                      checkpointing):
     """From prepare_batch to update_ema. (--compile, DDP: the GPU check.)"""
@@ -1336,7 +1339,12 @@ def test_bench_is_the_training_loop_and_its_figures_follow_a_clock(capsys, monke
         steps.append(1)
         warm = len(steps) % (sra.BENCH_WARMUP + 2) in range(1, sra.BENCH_WARMUP + 1)
         with_sra = len(steps) > sra.BENCH_WARMUP + 2
-        clock[0] += 5.0 if warm else 0.375 if with_sra else 0.25
+        if warm:
+            clock[0] += 5.0
+        elif with_sra:
+            clock[0] += 0.375
+        else:
+            clock[0] += 0.25
     monkeypatch.setattr(sra, "training_losses", losses)
     monkeypatch.setattr(sra, "update_ema", timed_update)
     monkeypatch.setattr(sra.time, "perf_counter", lambda: clock[0])
@@ -1476,8 +1484,10 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_within_a_step_and_resumes_bit_
     run_dir, log_path = tmp_path / "run", tmp_path / "run" / "log.txt"
     try:
         wait_for(lambda: "step 3/" in read(log_path), "step 3", proc=proc)
-        environs = {pid: "\0" + read(f"/proc/{pid}/environ") for pid in children(proc.pid)}
-        workers = {int(re.search(r"\0RANK=(\d+)", e)[1]): pid for pid, e in environs.items()}
+        workers = {}
+        for pid in children(proc.pid):  # each rank's pid, from its environment
+            env = read(f"/proc/{pid}/environ").split("\0")
+            workers[int(next(v[5:] for v in env if v.startswith("RANK=")))] = pid
         assert sorted(workers) == [0, 1], workers
         last = int(re.findall(r"\] step (\d+)/", read(log_path))[-1])  # just before the signal
         os.kill(workers[1], signal.SIGTERM)
@@ -1591,7 +1601,7 @@ def test_a_nonfinite_loss_or_gradient_stops_the_run_at_the_last_good_checkpoint(
 
 def test_fp16_overflow_is_a_counted_skipped_step(tmp_path, monkeypatch, small):
     """In metrics.jsonl's skipped_steps, at that step; the run goes on. The backward overflows
-    at first (a huge scale), then step 7's forward does (an infinite loss)."""
+    at a huge scale (steps 1-3 and 5), and step 7's forward does (an infinite loss)."""
     scales = []
     calls = []
     real_losses = sra.training_losses
@@ -1619,7 +1629,9 @@ def test_fp16_overflow_is_a_counted_skipped_step(tmp_path, monkeypatch, small):
     # the scale halves at each skipped step
     halvings = [round(math.log2(2.0 ** 24 / scale)) for scale in scales]
     assert len(halvings) == 8 and 0 < halvings[-1] < 8  # some steps skipped, some taken
-    assert halvings[6] == halvings[5] + 1 and records[6]["gen_loss"] == math.inf
+    assert records[6]["gen_loss"] == math.inf  # step 7: a forward overflow
+    # steps 6 and 8 taken (6 at the scale step 7 had): step 7 skipped for its infinite loss
+    assert [m["skipped_steps"] for m in records][5:] == [0, 1, 0]
     assert [m["step"] for m in records] == list(range(1, 9))
     # one skipped step in the record of each step that overflowed
     assert [m["skipped_steps"] for m in records] == np.diff([0] + halvings).tolist()
@@ -1722,7 +1734,8 @@ BAD_INPUT = {  # flags -> what the one line says
                       ["name resolution"]),
     "flag": (["--bench-steps", "many"], ["invalid int value: 'many'"]),
     "pixel-tokens": (["--model", "SiT-T/2", "--resolution", "256"],  # 64x the paper's tokens
-                     ["SiT-T/2 on 256 px images is 16384 tokens", "--encode DIR", "patch"]),
+                     ["SiT-T/2 on 256 px images is 16384 tokens", "--encode DIR", "--resolution",
+                      "patch"]),
 }
 
 
@@ -1772,8 +1785,8 @@ def test_a_rerun_needs_resume_which_takes_the_runs_settings_and_logs_what_change
         "--max-train-steps 6 (was 3)"]
 
 
-def test_resume_refuses_what_cannot_change_and_a_path_goes_on_in_its_moved_run(tmp_path, small,
-                                                                               monkeypatch):
+def test_resume_refuses_fixed_flags_and_unfitting_checkpoints_and_a_path_finds_its_moved_run(
+        tmp_path, small, monkeypatch):
     """One line naming a fixed flag (nothing written), or an unfitting checkpoint's keys and shapes;
     `--resume PATH` alone, from elsewhere, goes on in the checkpoint's moved run folder."""
     run_dir = run_main(tmp_path, *RUN_FLAGS, "--max-train-steps", "1")
@@ -1920,7 +1933,8 @@ def test_sde_and_ddpm_steps_by_hand():
 
     def dit_steps(K, T=1000):
         """DiT's space_timesteps(T, [K]): a float stride added up step by step, each sum rounded."""
-        stride, position, steps = (T - 1) / (K - 1) if K > 1 else 1, 0.0, []
+        stride = (T - 1) / (K - 1) if K > 1 else 1
+        position, steps = 0.0, []
         for _ in range(K):
             steps.append(round(position))
             position += stride
@@ -2309,7 +2323,8 @@ def fake_cuda_step(name, mode):
 
 
 def test_fake_cuda_sra_step_and_guided_samplers_stay_on_the_gpu(monkeypatch):
-    """And DiT's tables on the CPU fail, as on a GPU (issue 33)."""
+    """The SRA step's losses and the guided samplers' states stay on the fake GPU; DiT's tables
+    left on the CPU fail there, as on a GPU."""
 
     def in_mode(mode, function):
         """`function` run under the fake mode, for a sampler that runs outside it."""

@@ -856,7 +856,7 @@ class Progress:
 
     def log(self, step, weight, fp16, last_ckpt):
         """The means since the last log line (over ranks too), checked, as a line and a record.
-        Nothing non-finite is checkpointed: a non-finite figure stops the run here."""
+        Nothing non-finite is checkpointed: in fp32/bf16 a non-finite figure stops the run here."""
         n = step - self.step
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         # each rank's sums over n steps, divided by n and by the rank count: their all-reduced
